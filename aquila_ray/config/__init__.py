@@ -1,0 +1,16 @@
+"""Typed configuration dataclasses and the preset registry."""
+
+from aquila_ray.config.base import apply_overrides, from_dict, load_overlay, to_dict
+from aquila_ray.config.model import ModelConfig, MoEConfig
+from aquila_ray.config.presets import PRESETS, get_preset
+
+__all__ = [
+    "PRESETS",
+    "ModelConfig",
+    "MoEConfig",
+    "apply_overrides",
+    "from_dict",
+    "get_preset",
+    "load_overlay",
+    "to_dict",
+]
