@@ -1,0 +1,294 @@
+"""Reading and writing checkpoint directories (see the package docstring for the format)."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import uuid
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from aquila_ray.config import ModelConfig, from_dict, to_dict
+from aquila_ray.errors import CheckpointError, ConfigError
+
+FORMAT = "aquila-ray/1"
+CONFIG_NAME = "config.json"
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+DEFAULT_SHARD_BYTES = 2 * 1024**3
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(16 * 1024 * 1024), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+@contextlib.contextmanager
+def atomic_directory(directory: str | Path) -> Iterator[Path]:
+    """Yield a temporary sibling directory; on success it replaces ``directory`` in one rename.
+
+    On an exception the temporary directory is removed and ``directory`` is left as it was.
+    """
+    final = Path(directory)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.with_name(f".{final.name}.tmp-{uuid.uuid4().hex[:8]}")
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = None
+    if final.exists():
+        old = final.with_name(f".{final.name}.old-{uuid.uuid4().hex[:8]}")
+        os.replace(final, old)
+    os.replace(tmp, final)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+class CheckpointWriter:
+    """Streams tensors into size-bounded safetensors shards; ``close()`` writes the index and config.
+
+    Memory stays bounded by one shard: a caller can add tensors one at a time (growth of a 100 GB model).
+    Write into an ``atomic_directory`` (``save_checkpoint`` does) so a crash leaves nothing behind.
+    ``config`` is a ModelConfig, or a plain dict written as is (a Hugging Face config on export).
+    """
+
+    def __init__(self, directory: str | Path, config: ModelConfig | dict[str, Any],
+                 max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> None:
+        self.dir = Path(directory)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.config = config
+        self.max_shard_bytes = max_shard_bytes
+        self._pending: dict[str, torch.Tensor] = {}
+        self._pending_bytes = 0
+        self._written: list[tuple[str, list[str]]] = []  # (temporary file name, keys)
+        self._keys: set[str] = set()
+        self.total_size = 0
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        if name in self._keys:
+            raise CheckpointError(f"tensor {name!r} added twice to checkpoint {self.dir}")
+        self._keys.add(name)
+        t = tensor.detach().to("cpu").contiguous()
+        nbytes = t.numel() * t.element_size()
+        if self._pending and self._pending_bytes + nbytes > self.max_shard_bytes:
+            self._flush()
+        self._pending[name] = t
+        self._pending_bytes += nbytes
+        self.total_size += nbytes
+
+    def _flush(self) -> None:
+        if not self._pending:
+            return
+        name = f"shard-{len(self._written):05d}.safetensors.part"
+        save_file(self._pending, str(self.dir / name), metadata={"format": "pt"})
+        self._written.append((name, list(self._pending)))
+        self._pending, self._pending_bytes = {}, 0
+
+    def close(self) -> Path:
+        self._flush()
+        if not self._written:
+            save_file({}, str(self.dir / "shard-00000.safetensors.part"), metadata={"format": "pt"})
+            self._written.append(("shard-00000.safetensors.part", []))
+        n = len(self._written)
+        weight_map: dict[str, str] = {}
+        files: dict[str, dict[str, Any]] = {}
+        for i, (tmp_name, keys) in enumerate(self._written):
+            final = SINGLE_NAME if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+            os.replace(self.dir / tmp_name, self.dir / final)
+            files[final] = {"size": (self.dir / final).stat().st_size, "sha256": _sha256(self.dir / final)}
+            weight_map.update(dict.fromkeys(keys, final))
+        index = {"metadata": {"format": FORMAT, "total_size": self.total_size, "files": files},
+                 "weight_map": dict(sorted(weight_map.items()))}
+        config = self.config if isinstance(self.config, dict) else to_dict(self.config)
+        (self.dir / CONFIG_NAME).write_text(json.dumps(config, indent=2))
+        (self.dir / INDEX_NAME).write_text(json.dumps(index, indent=2))  # last: marks the set complete
+        return self.dir
+
+
+def _model_keys(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Every key the config implies, with its shape (built on the meta device: no memory)."""
+    from aquila_ray.model import Aquila3
+
+    with torch.device("meta"):
+        model = Aquila3(cfg)
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    if cfg.tie_embeddings:
+        shapes.pop("lm_head.weight", None)
+    return shapes
+
+
+def save_checkpoint(directory: str | Path, state_dict: Mapping[str, torch.Tensor], config: ModelConfig,
+                    max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+                    extra_files: Mapping[str, str | bytes] | None = None) -> Path:
+    """Write a model checkpoint atomically; ``extra_files`` (name -> text/bytes) land beside it.
+
+    The tied output projection is stored once (as ``embed.weight``).
+    """
+    expected = _model_keys(config)
+    sd = {k: v for k, v in state_dict.items() if not (config.tie_embeddings and k == "lm_head.weight")}
+    _check_keys(sd.keys(), {k: tuple(v.shape) for k, v in sd.items()}, expected, f"state_dict for {directory}")
+    with atomic_directory(directory) as tmp:
+        writer = CheckpointWriter(tmp, config, max_shard_bytes)
+        for k in sorted(sd):
+            writer.add(k, sd[k])
+        writer.close()
+        for name, content in (extra_files or {}).items():
+            p = tmp / name
+            p.parent.mkdir(parents=True, exist_ok=True)
+            p.write_bytes(content.encode() if isinstance(content, str) else content)
+    return Path(directory)
+
+
+def save_model(model: torch.nn.Module, directory: str | Path, **kwargs: Any) -> Path:
+    """``save_checkpoint`` for an Aquila3 module."""
+    return save_checkpoint(directory, model.state_dict(), model.config, **kwargs)  # type: ignore[arg-type]
+
+
+def _check_keys(keys: Any, shapes: Mapping[str, tuple[int, ...]], expected: Mapping[str, tuple[int, ...]],
+                what: str) -> None:
+    missing = sorted(set(expected) - set(keys))
+    unexpected = sorted(set(keys) - set(expected))
+    wrong = [f"{k}: {shapes[k]} (config implies {expected[k]})" for k in sorted(set(keys) & set(expected))
+             if tuple(shapes[k]) != tuple(expected[k])]
+    if missing or unexpected or wrong:
+        parts = []
+        if missing:
+            parts.append(f"missing {len(missing)} tensor(s), e.g. {missing[:3]}")
+        if unexpected:
+            parts.append(f"{len(unexpected)} tensor(s) the config does not have, e.g. {unexpected[:3]}")
+        if wrong:
+            parts.append(f"{len(wrong)} shape mismatch(es), e.g. {wrong[:3]}")
+        raise CheckpointError(f"{what} does not match its config.json: " + "; ".join(parts))
+
+
+def load_config(directory: str | Path) -> ModelConfig:
+    path = Path(directory) / CONFIG_NAME
+    if not path.is_file():
+        raise CheckpointError(f"{path} is missing; not an aquila-ray checkpoint directory"
+                              + _hint(Path(directory)))
+    try:
+        return from_dict(ModelConfig, json.loads(path.read_text()))
+    except (json.JSONDecodeError, ConfigError) as e:
+        raise CheckpointError(f"{path} is not a valid model config: {e}") from e
+
+
+def _hint(d: Path) -> str:
+    if (d / "config.json").is_file() and any(d.glob("*.safetensors")) and not (d / INDEX_NAME).exists():
+        return f" (a Hugging Face model? convert it: python -m jobs.convert_hf from-hf {d} CKPT)"
+    if (d / "config.json").is_file() and '"model_type"' in (d / "config.json").read_text():
+        return f" (a Hugging Face model? convert it: python -m jobs.convert_hf from-hf {d} CKPT)"
+    return ""
+
+
+class CheckpointReader:
+    """Random access to a checkpoint's tensors without loading them all (streaming growth, online
+    upcycling). Each shard's size and SHA-256 are checked against the index the first time it is opened
+    (``verify=False`` checks sizes only)."""
+
+    def __init__(self, directory: str | Path, verify: bool = True) -> None:
+        self.dir = Path(directory)
+        if not self.dir.is_dir():
+            raise CheckpointError(f"checkpoint directory {str(self.dir)!r} does not exist")
+        index_path = self.dir / INDEX_NAME
+        if not index_path.is_file():
+            pickles = sorted(p.name for p in self.dir.iterdir() if p.suffix in PICKLE_SUFFIXES)
+            if pickles:
+                raise CheckpointError(
+                    f"{self.dir} holds pickle weights {pickles[:3]}; aquila-ray never loads pickle (it can run "
+                    f"arbitrary code). Save them as safetensors, or convert a Hugging Face model with "
+                    f"python -m jobs.convert_hf from-hf HF_DIR CKPT")
+            raise CheckpointError(f"{index_path} is missing: the checkpoint is incomplete or was not written "
+                                  f"by aquila-ray" + _hint(self.dir))
+        self.config = load_config(self.dir)
+        try:
+            index = json.loads(index_path.read_text())
+            self.weight_map: dict[str, str] = index["weight_map"]
+            self.files: dict[str, dict[str, Any]] = index["metadata"]["files"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{index_path} is corrupted: {e}") from e
+        self.verify = verify
+        self._handles: dict[str, Any] = {}
+        self._shapes: dict[str, tuple[int, ...]] | None = None
+
+    def keys(self) -> list[str]:
+        return list(self.weight_map)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.weight_map
+
+    def _open(self, fname: str) -> Any:
+        if fname not in self._handles:
+            path = self.dir / fname
+            meta = self.files.get(fname)
+            if meta is None:
+                raise CheckpointError(f"{self.dir / INDEX_NAME} maps tensors to {fname} but lists no size/hash for it")
+            if not path.is_file():
+                raise CheckpointError(f"shard {path} listed in the index is missing")
+            size = path.stat().st_size
+            if size != meta["size"]:
+                raise CheckpointError(f"shard {path} has {size} bytes, the index says {meta['size']}: "
+                                      f"truncated or overwritten")
+            if self.verify and _sha256(path) != meta["sha256"]:
+                raise CheckpointError(f"shard {path} fails its SHA-256 check: the file was modified or corrupted")
+            try:
+                self._handles[fname] = safe_open(str(path), framework="pt", device="cpu")
+            except Exception as e:  # safetensors raises its own error types
+                raise CheckpointError(f"shard {path} is not a valid safetensors file: {e}") from e
+        return self._handles[fname]
+
+    def get(self, name: str) -> torch.Tensor:
+        if name not in self.weight_map:
+            raise CheckpointError(f"tensor {name!r} is not in checkpoint {self.dir}")
+        return self._open(self.weight_map[name]).get_tensor(name)
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        if self._shapes is None:
+            self._shapes = {}
+            for fname in dict.fromkeys(self.weight_map.values()):
+                h = self._open(fname)
+                for k in h.keys():
+                    self._shapes[k] = tuple(h.get_slice(k).get_shape())
+        return self._shapes
+
+    def check_matches_config(self) -> None:
+        shapes = self.shapes()
+        _check_keys(shapes.keys(), shapes, _model_keys(self.config), f"checkpoint {self.dir}")
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {k: self.get(k) for k in self.keys()}
+
+
+def load_state_dict(directory: str | Path, verify: bool = True) -> tuple[dict[str, torch.Tensor], ModelConfig]:
+    """All tensors and the config, after the integrity and config-match checks."""
+    reader = CheckpointReader(directory, verify=verify)
+    reader.check_matches_config()
+    return reader.state_dict(), reader.config
+
+
+def load_model(directory: str | Path, device: str | torch.device = "cpu",
+               dtype: torch.dtype | None = None) -> torch.nn.Module:
+    """An Aquila3 (dense or MoE) in eval mode with the checkpoint's weights, cast to ``dtype`` (fp32)."""
+    from aquila_ray.model import Aquila3
+
+    sd, cfg = load_state_dict(directory)
+    with torch.device("meta"):
+        model = Aquila3(cfg)
+    model.load_state_dict(sd, strict=not cfg.tie_embeddings, assign=True)
+    if cfg.tie_embeddings:
+        model.lm_head.weight = model.embed.weight
+    return model.to(device=device, dtype=dtype or torch.float32).eval()

@@ -1,0 +1,226 @@
+"""The Aquila3 decoder: RMSNorm, RoPE, grouped-query attention with QKV bias, SwiGLU MLP.
+
+One readable file in the order of nanoGPT's model.py: norm, rope, attention, mlp, block, model. The
+architecture equals Hugging Face's Qwen2 (GQA + QKV bias + SwiGLU + RMSNorm, RoPE by rotate-half), which
+is what Aquila3 uses; ``aquila_ray.hf`` maps the weights one to one. Single-device code: parallelism
+(DeepSpeed, expert-parallel groups) is applied in ``aquila_ray.train``.
+
+Shape legend: B batch, T sequence, D hidden, H query heads, K kv heads, hd head_dim, F intermediate,
+V vocab.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from aquila_ray.config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    """y = x / sqrt(mean(x^2) + eps) * weight, computed in fp32 (as Qwen2/LLaMA)."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(dtype)
+
+
+def rope_cos_sin(cfg: ModelConfig, seq_len: int, device: torch.device, dtype: torch.dtype,
+                 offset: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin tables (T, hd) for rotate-half RoPE, computed in fp32 and cast."""
+    hd = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, hd, 2, device=device, dtype=torch.float32) / hd))
+    pos = torch.arange(offset, offset + seq_len, device=device, dtype=torch.float32)
+    freqs = torch.outer(pos, inv_freq)  # (T, hd/2)
+    emb = torch.cat([freqs, freqs], dim=-1)  # (T, hd)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x_BHTd: torch.Tensor, cos_Td: torch.Tensor, sin_Td: torch.Tensor) -> torch.Tensor:
+    half = x_BHTd.shape[-1] // 2
+    x1, x2 = x_BHTd[..., :half], x_BHTd[..., half:]
+    rotated = torch.cat([-x2, x1], dim=-1)
+    return x_BHTd * cos_Td + rotated * sin_Td
+
+
+class Attention(nn.Module):
+    """Causal grouped-query attention; query head h reads kv head h // (H / K)."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        d = cfg.hidden_size
+        self.q_proj = nn.Linear(d, self.num_heads * self.head_dim, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(d, self.num_kv_heads * self.head_dim, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(d, self.num_kv_heads * self.head_dim, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, d, bias=False)
+
+    def forward(self, x_BTD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        B, T, _ = x_BTD.shape
+        q = self.q_proj(x_BTD).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
+        k = self.k_proj(x_BTD).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, K, T, hd)
+        v = self.v_proj(x_BTD).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                           enable_gqa=self.num_heads != self.num_kv_heads)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim))
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+@dataclass
+class RouterStats:
+    """What one MoE layer reports per forward: its (already coefficient-weighted) losses and load."""
+
+    aux_loss: torch.Tensor
+    z_loss: torch.Tensor
+    tokens_per_expert: torch.Tensor
+    """(E,) number of token assignments each expert received (after any capacity dropping)."""
+    dropped_tokens: int = 0
+
+
+def build_mlp(cfg: ModelConfig, layer_idx: int) -> nn.Module:
+    """A dense SwiGLU MLP, or an MoE layer when ``cfg.moe`` is set (forward returns (y, RouterStats))."""
+    if cfg.moe is None:
+        return MLP(cfg.hidden_size, cfg.intermediate_size)
+    from aquila_ray.moe import MoELayer  # local: dense models never import the MoE package
+
+    return MoELayer(cfg, layer_idx)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.attn = Attention(cfg)
+        self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = build_mlp(cfg, layer_idx)
+        self.is_moe = cfg.moe is not None
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+                ) -> tuple[torch.Tensor, RouterStats | None]:
+        x = x + self.attn(self.attn_norm(x), cos, sin)
+        if self.is_moe:
+            h, stats = self.mlp(self.mlp_norm(x))
+            return x + h, stats
+        return x + self.mlp(self.mlp_norm(x)), None
+
+
+@dataclass
+class ModelOutput:
+    logits: torch.Tensor
+    """(B, T, V)."""
+    loss: torch.Tensor | None = None
+    """Mean next-token cross-entropy when labels were given (auxiliary losses not included)."""
+    aux_loss: torch.Tensor | None = None
+    """MoE load-balancing loss summed over layers (coefficient applied); None for dense models."""
+    z_loss: torch.Tensor | None = None
+    """MoE router z-loss summed over layers (coefficient applied); None for dense models."""
+    router_stats: list[RouterStats] = field(default_factory=list)
+
+    @property
+    def total_loss(self) -> torch.Tensor:
+        """What training minimizes: loss + aux_loss + z_loss."""
+        if self.loss is None:
+            raise ValueError("total_loss needs labels: call model(input_ids, labels=...)")
+        extra = [t for t in (self.aux_loss, self.z_loss) if t is not None]
+        return self.loss + sum(extra) if extra else self.loss
+
+
+class Aquila3(nn.Module):
+    """The decoder. ``model(input_ids)`` -> ModelOutput with ``.logits`` (B, T, V)."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+        self._rope_cache: dict[tuple[Any, ...], tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def init_weights(self, seed: int | None = None) -> Aquila3:
+        """Normal(0, init_std) for weights, zeros for biases, ones for norms; seeded if asked."""
+        gen = torch.Generator().manual_seed(seed) if seed is not None else None
+        std = self.config.init_std
+        for name, p in self.named_parameters():
+            with torch.no_grad():
+                if name.endswith("norm.weight"):
+                    p.fill_(1.0)
+                elif name.endswith(".bias"):
+                    p.zero_()
+                elif p.device.type == "meta":
+                    continue
+                else:
+                    p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float32) * std)
+        # MoE layers own their router init (its std differs from init_std).
+        for m in self.modules():
+            if m is not self and hasattr(m, "reset_router"):
+                m.reset_router(gen)
+        return self
+
+    def rope(self, T: int, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        key = (T, device, dtype)
+        if key not in self._rope_cache:
+            self._rope_cache = {key: rope_cos_sin(self.config, T, device, dtype)}
+        return self._rope_cache[key]
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None) -> ModelOutput:
+        x = self.embed(input_ids)  # (B, T, D)
+        cos, sin = self.rope(input_ids.shape[1], x.device, x.dtype)
+        stats: list[RouterStats] = []
+        for layer in self.layers:
+            x, s = layer(x, cos, sin)
+            if s is not None:
+                stats.append(s)
+        logits = self.lm_head(self.norm(x))  # (B, T, V)
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                                   ignore_index=-100)
+        out = ModelOutput(logits=logits, loss=loss, router_stats=stats)
+        if stats:
+            out.aux_loss = torch.stack([s.aux_loss for s in stats]).sum()
+            out.z_loss = torch.stack([s.z_loss for s in stats]).sum()
+        return out
+
+    def num_params(self) -> int:
+        """Distinct parameters actually held (tied weights counted once)."""
+        return sum(p.numel() for p in {id(p): p for p in self.parameters()}.values())
+
+
+def build_model(cfg: ModelConfig, seed: int | None = 0, device: str | torch.device = "cpu",
+                dtype: torch.dtype = torch.float32) -> Aquila3:
+    """A freshly initialized model; on the meta device nothing is allocated (for planning big presets)."""
+    with torch.device(device):
+        model = Aquila3(cfg)
+    if torch.device(device).type != "meta":
+        model.init_weights(seed)
+    return model.to(dtype=dtype)
+
+
+__all__ = ["MLP", "Aquila3", "Attention", "Block", "ModelOutput", "RMSNorm", "RouterStats", "build_model"]
