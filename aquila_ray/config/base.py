@@ -70,6 +70,11 @@ def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
 
 
 def _parse_scalar(text: str) -> Any:
+    for number in (int, float):  # YAML 1.1 reads "5e5" as a string
+        try:
+            return number(text)
+        except ValueError:
+            pass
     try:
         return yaml.safe_load(text)
     except yaml.YAMLError:

@@ -1,0 +1,1 @@
+"""Thin `python -m jobs.<name>` entrypoints: the unit of `ray job submit`."""

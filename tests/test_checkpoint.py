@@ -1,0 +1,122 @@
+"""Checkpoints: bit-identical round trips, and a clear CheckpointError for every kind of damage."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import aquila_ray
+from aquila_ray.checkpoint import INDEX_NAME, CheckpointReader, load_state_dict, save_checkpoint, save_model
+from aquila_ray.config import apply_overrides, get_preset
+from aquila_ray.errors import CheckpointError
+from aquila_ray.model import build_model
+
+
+@pytest.fixture
+def saved(tmp_path: Path) -> tuple[Path, torch.nn.Module]:
+    model = build_model(get_preset("tiny"), seed=0)
+    return save_model(model, tmp_path / "ckpt", max_shard_bytes=60_000), model
+
+
+def test_round_trip_is_bit_identical_sharded_and_single(tmp_path: Path, saved) -> None:
+    path, model = saved
+    shards = sorted(p.name for p in path.glob("*.safetensors"))
+    assert len(shards) > 1 and shards[0] == f"model-00001-of-{len(shards):05d}.safetensors"
+    sd, cfg = load_state_dict(path)
+    assert cfg == model.config
+    assert all(torch.equal(sd[k], v) for k, v in model.state_dict().items())
+    single = save_model(model, tmp_path / "single")
+    assert [p.name for p in single.glob("*.safetensors")] == ["model.safetensors"]
+    loaded = aquila_ray.load_model(str(single))
+    x = torch.randint(0, 512, (2, 9))
+    assert torch.equal(loaded(x).logits, model.eval()(x).logits)
+
+
+def test_tied_embeddings_stored_once(tmp_path: Path) -> None:
+    cfg = apply_overrides(get_preset("tiny"), ["tie_embeddings=true"])
+    model = build_model(cfg, seed=0)
+    path = save_model(model, tmp_path / "tied")
+    assert "lm_head.weight" not in CheckpointReader(path).keys()
+    loaded = aquila_ray.load_model(str(path))
+    assert loaded.lm_head.weight is loaded.embed.weight
+    x = torch.randint(0, 512, (1, 5))
+    assert torch.equal(loaded(x).logits, model.eval()(x).logits)
+
+
+def test_truncated_shard(saved) -> None:
+    path, _ = saved
+    shard = next(path.glob("model-00002-*.safetensors"))
+    shard.write_bytes(shard.read_bytes()[:-10])
+    with pytest.raises(CheckpointError, match=r"model-00002-of-.* has \d+ bytes, the index says \d+: truncated"):
+        load_state_dict(path)
+
+
+def test_tampered_shard(saved) -> None:
+    path, _ = saved
+    shard = next(path.glob("model-00001-*.safetensors"))
+    data = bytearray(shard.read_bytes())
+    data[-1] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=r"fails its SHA-256 check"):
+        load_state_dict(path)
+
+
+def test_missing_shard_and_missing_index(saved) -> None:
+    path, _ = saved
+    next(path.glob("model-00003-*.safetensors")).unlink()
+    with pytest.raises(CheckpointError, match=r"shard .*model-00003-of-.* listed in the index is missing"):
+        load_state_dict(path)
+    (path / INDEX_NAME).unlink()
+    with pytest.raises(CheckpointError, match=r"model.safetensors.index.json is missing: the checkpoint is incomplete"):
+        load_state_dict(path)
+
+
+def test_config_that_does_not_match_weights(saved) -> None:
+    path, _ = saved
+    cfg = json.loads((path / "config.json").read_text())
+    cfg["intermediate_size"] = 192
+    (path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match=r"does not match its config.json: .*shape mismatch.*mlp"):
+        load_state_dict(path)
+    cfg["num_layers"] = 3
+    (path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match=r"missing \d+ tensor\(s\), e.g. \['layers.2"):
+        load_state_dict(path)
+
+
+def test_pickle_is_refused(tmp_path: Path) -> None:
+    d = tmp_path / "pickled"
+    d.mkdir()
+    torch.save({"w": torch.zeros(2)}, d / "pytorch_model.bin")
+    with pytest.raises(CheckpointError, match=r"holds pickle weights \['pytorch_model.bin'\]; aquila-ray never loads"):
+        load_state_dict(d)
+    with pytest.raises(CheckpointError, match=r"does not exist"):
+        load_state_dict(tmp_path / "nowhere")
+
+
+def test_failed_write_leaves_previous_checkpoint_intact(saved, monkeypatch: pytest.MonkeyPatch) -> None:
+    path, model = saved
+    bad = dict(model.state_dict())
+    bad.pop("norm.weight")
+    with pytest.raises(CheckpointError, match=r"missing 1 tensor\(s\), e.g. \['norm.weight'\]"):
+        save_checkpoint(path, bad, model.config)
+
+    from aquila_ray.checkpoint.io import CheckpointWriter
+
+    real_add, calls = CheckpointWriter.add, []
+
+    def add_then_fail(self, name, tensor):  # the disk fills up after some shards are written
+        calls.append(name)
+        if len(calls) == 12:
+            raise OSError("disk full")
+        real_add(self, name, tensor)
+
+    monkeypatch.setattr(CheckpointWriter, "add", add_then_fail)
+    with pytest.raises(OSError, match="disk full"):
+        save_checkpoint(path, {k: v * 2 for k, v in model.state_dict().items()}, model.config, max_shard_bytes=10_000)
+    assert [p.name for p in path.parent.iterdir()] == ["ckpt"]  # no temporary directory left
+    sd, _ = load_state_dict(path)
+    assert torch.equal(sd["norm.weight"], model.state_dict()["norm.weight"])

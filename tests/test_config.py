@@ -1,0 +1,80 @@
+"""Model configs: validation messages, presets, overrides, and the big presets' sizes on paper."""
+
+from __future__ import annotations
+
+import pytest
+
+from aquila_ray.config import ModelConfig, MoEConfig, apply_overrides, from_dict, get_preset, to_dict
+from aquila_ray.errors import ConfigError
+
+
+@pytest.mark.parametrize(
+    ("fields", "match"),
+    [
+        ({"hidden_size": 100, "num_heads": 8}, r"hidden_size=100 is not divisible by num_heads=8"),
+        ({"num_heads": 8, "num_kv_heads": 3}, r"num_heads=8 is not divisible by num_kv_heads=3"),
+        ({"hidden_size": 24, "num_heads": 8, "num_kv_heads": 2}, r"head_dim=3 .* must be even"),
+        ({"num_layers": 0}, r"num_layers=0 must be a positive integer"),
+        ({"vocab_size": -5}, r"vocab_size=-5 must be a positive integer"),
+        ({"rms_norm_eps": 0.0}, r"rms_norm_eps=0.0 must be > 0"),
+    ],
+)
+def test_invalid_model_config_names_fields(fields: dict, match: str) -> None:
+    base = {"hidden_size": 64, "intermediate_size": 128, "num_layers": 2, "num_heads": 4, "num_kv_heads": 2}
+    with pytest.raises(ConfigError, match=match):
+        ModelConfig(**{**base, **fields})
+
+
+@pytest.mark.parametrize(
+    ("fields", "match"),
+    [
+        ({"num_experts": 4, "top_k": 5}, r"top_k=5 exceeds num_experts=4"),
+        ({"capacity_factor": 0.0}, r"capacity_factor=0.0 must be > 0, or null for dropless"),
+        ({"num_experts": 6, "granularity": 4}, r"num_experts=6 must be divisible by granularity=4"),
+    ],
+)
+def test_invalid_moe_config(fields: dict, match: str) -> None:
+    with pytest.raises(ConfigError, match=match):
+        MoEConfig(**fields)
+
+
+def test_unknown_field_and_bad_literal_are_named() -> None:
+    with pytest.raises(ConfigError, match=r"unknown field\(s\) \['hidden'\] for ModelConfig"):
+        from_dict(ModelConfig, {"hidden": 3})
+    with pytest.raises(ConfigError, match=r"moe.router_order='random' is not valid; choose one of"):
+        from_dict(ModelConfig, {"moe": {"router_order": "random"}})
+    with pytest.raises(ConfigError, match=r"unknown model preset 'huge'; valid presets: \["):
+        get_preset("huge")
+
+
+def test_dict_round_trip_and_overrides() -> None:
+    cfg = get_preset("tiny-moe")
+    assert from_dict(ModelConfig, to_dict(cfg)) == cfg
+    cfg2 = apply_overrides(cfg, ["hidden_size=128", "moe.top_k=1", "rope_theta=5e5"])
+    assert (cfg2.hidden_size, cfg2.moe.top_k, cfg2.rope_theta) == (128, 1, 5e5)
+    assert cfg.hidden_size == 64  # the original is untouched
+    with pytest.raises(ConfigError, match=r"must look like field.path=value"):
+        apply_overrides(cfg, ["hidden_size"])
+    with pytest.raises(ConfigError, match=r"num_heads=5 is not divisible"):
+        apply_overrides(cfg, {"num_heads": 5, "hidden_size": 70})
+
+
+def test_seed_presets_sizes_on_paper_and_on_meta_device() -> None:
+    from aquila_ray.model import build_model
+
+    b16, moe = get_preset("aquila3-16b"), get_preset("aquila3-8x16b")
+    assert 15e9 <= b16.num_params() <= 17e9
+    assert 95e9 <= moe.num_params() <= 110e9
+    assert 27e9 <= moe.num_params(active=True) <= 31e9
+    b7 = get_preset("aquila3-7b")
+    assert (b7.head_dim, b16.head_dim, b7.num_kv_heads, b16.num_kv_heads) == (128, 128, 8, 8)
+    for cfg in (b7, b16):  # the analytic count is what the module really holds
+        assert build_model(cfg, device="meta").num_params() == cfg.num_params()
+
+
+def test_flops_per_token_formula() -> None:
+    cfg = get_preset("aquila3-7b")
+    n = cfg.num_params(embeddings=False)
+    assert cfg.flops_per_token(4096) == 6 * n + 12 * 32 * 32 * 128 * 4096
+    moe = get_preset("aquila3-8x16b")
+    assert moe.flops_per_token(1) < 6.1 * moe.num_params(active=True) < 6 * moe.num_params()
