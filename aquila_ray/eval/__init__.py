@@ -1,0 +1,133 @@
+"""Evaluation: validation loss / perplexity on token shards, and perplexity-based multiple choice.
+
+Multiple choice follows OpenCompass's "-ppl" evaluations (the style of the seed's tables): each choice is
+appended to the question, the model's mean negative log-likelihood of the choice tokens is its score,
+and the lowest score is the prediction. Single-device, pure PyTorch.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from aquila_ray.errors import DataError
+from aquila_ray.train.shards import read_manifest, read_token_shard
+
+
+@torch.no_grad()
+def evaluate_loss(model: torch.nn.Module, data_dir: str | Path, split: str = "validation", batch_size: int = 8,
+                  max_sequences: int | None = None) -> dict[str, float]:
+    """Mean next-token loss and perplexity over a split's sequences, in shard order."""
+    manifest = read_manifest(data_dir)
+    if split not in manifest.splits or manifest.splits[split].num_sequences == 0:
+        raise DataError(f"split {split!r} has no sequences in {data_dir}/manifest.json; "
+                        f"splits: { {k: v.num_sequences for k, v in manifest.splits.items()} }")
+    device = next(model.parameters()).device
+    model.eval()
+    total, count, seen = 0.0, 0, 0
+    for path in manifest.shard_paths(split):
+        rows = read_token_shard(path)
+        for start in range(0, len(rows), batch_size):
+            if max_sequences is not None and seen >= max_sequences:
+                break
+            take = rows[start:start + batch_size]
+            if max_sequences is not None:
+                take = take[: max_sequences - seen]
+            batch = torch.from_numpy(np.asarray(take, dtype=np.int64)).to(device)
+            out = model(batch[:, :-1], labels=batch[:, 1:])
+            n = batch[:, 1:].numel()
+            total += float(out.loss) * n
+            count += n
+            seen += len(take)
+    loss = total / count
+    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": count, "sequences": seen}
+
+
+def read_tasks(path: str | Path) -> list[dict[str, Any]]:
+    """A JSONL task file: one {"question": str, "choices": [str, ...], "answer": int} per line."""
+    items = []
+    for i, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{i}: not valid JSON ({e})") from e
+        ok = (isinstance(item, dict) and isinstance(item.get("question"), str)
+              and isinstance(item.get("choices"), list) and len(item["choices"]) >= 2
+              and all(isinstance(c, str) for c in item["choices"])
+              and isinstance(item.get("answer"), int) and 0 <= item["answer"] < len(item["choices"]))
+        if not ok:
+            raise DataError(f"{path}:{i}: expected {{'question': str, 'choices': [>= 2 str], 'answer': index}}, "
+                            f"got {line[:120]!r}")
+        items.append(item)
+    if not items:
+        raise DataError(f"{path} holds no tasks")
+    return items
+
+
+@torch.no_grad()
+def choice_scores(model: torch.nn.Module, prompt: list[int], choices: list[list[int]],
+                  max_len: int) -> list[float]:
+    """Mean NLL of each choice's tokens after the prompt (left-truncated to max_len tokens)."""
+    device = next(model.parameters()).device
+    rows, spans = [], []
+    for c in choices:
+        ids = (prompt + c)[-max_len:]
+        n_choice = min(len(c), len(ids) - 1)
+        rows.append(ids)
+        spans.append(n_choice)
+    width = max(len(r) for r in rows)
+    batch = torch.zeros(len(rows), width, dtype=torch.long, device=device)
+    for i, r in enumerate(rows):
+        batch[i, : len(r)] = torch.tensor(r)
+    logp = F.log_softmax(model(batch).logits.float(), dim=-1)
+    scores = []
+    for i, (r, n) in enumerate(zip(rows, spans, strict=True)):
+        targets = torch.tensor(r[len(r) - n:], device=device)
+        positions = torch.arange(len(r) - n - 1, len(r) - 1, device=device)
+        scores.append(-float(logp[i, positions, targets].mean()) if n > 0 else float("inf"))
+    return scores
+
+
+def multiple_choice(model: torch.nn.Module, tokenizer: Any, tasks: list[dict[str, Any]],
+                    max_len: int | None = None) -> dict[str, Any]:
+    """Accuracy of perplexity-based choice; ``tokenizer`` is a ``tokenizers.Tokenizer``."""
+    model.eval()
+    max_len = max_len or model.config.max_seq_len
+    correct, chance = 0, 0.0
+    for item in tasks:
+        prompt = tokenizer.encode(item["question"]).ids
+        choices = [tokenizer.encode(c).ids for c in item["choices"]]
+        scores = choice_scores(model, prompt, choices, max_len)
+        correct += int(int(np.argmin(scores)) == item["answer"])
+        chance += 1.0 / len(item["choices"])
+    n = len(tasks)
+    return {"accuracy": correct / n, "correct": correct, "items": n, "chance": chance / n}
+
+
+def evaluate_checkpoint(ckpt: str | Path, data_dir: str | Path | None = None, split: str = "validation",
+                        tasks: str | Path | None = None, tokenizer: str | Path | None = None,
+                        max_sequences: int | None = None, device: str = "cpu") -> dict[str, Any]:
+    """Loss on ``data_dir``'s split and accuracy on a task file, for one checkpoint."""
+    from aquila_ray.checkpoint import load_model
+
+    model = load_model(ckpt, device=device)
+    results: dict[str, Any] = {"checkpoint": str(ckpt)}
+    if data_dir is not None:
+        results[split] = evaluate_loss(model, data_dir, split, max_sequences=max_sequences)
+    if tasks is not None:
+        tok_path = Path(tokenizer) if tokenizer else (Path(data_dir) / "tokenizer.json" if data_dir else None)
+        if tok_path is None or not tok_path.is_file():
+            raise DataError(f"multiple choice needs a tokenizer.json: pass --tokenizer or --data (got {tok_path})")
+        from tokenizers import Tokenizer
+
+        results["multiple_choice"] = {"tasks": str(tasks),
+                                      **multiple_choice(model, Tokenizer.from_file(str(tok_path)), read_tasks(tasks))}
+    return results
