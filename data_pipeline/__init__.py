@@ -1,0 +1,24 @@
+"""Bilingual (zh + en) pretraining data pipeline on Ray Data: clean documents, a BPE tokenizer, token shards.
+
+Entry point: ``data_pipeline.run.prepare_data(config) -> Path`` (also ``python -m jobs.prepare_data``).
+Steps live in ``data_pipeline.steps`` (registry ``STEPS``), dedup in ``data_pipeline.dedup``, config in
+``data_pipeline.config``. See docs/data.md. Follows datatrove and NeMo Curator in structure.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = ["DataConfig", "load_data_config", "prepare_data", "sample_config"]
+
+
+def __getattr__(name: str) -> Any:  # lazy: importing the steps must not import Ray
+    if name == "prepare_data":
+        from data_pipeline.run import prepare_data
+
+        return prepare_data
+    if name in ("DataConfig", "load_data_config", "sample_config"):
+        from data_pipeline import config
+
+        return getattr(config, name)
+    raise AttributeError(name)
