@@ -182,8 +182,8 @@ def _stage_records(config: DataConfig, out: Path) -> None:
     workers = _num_workers(config)
     ds = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
     ds = ds.map_batches(read_files_batch, batch_size=1, fn_kwargs={"max_doc_bytes": config.max_doc_bytes})
-    ds = ds.map_batches(_ChainUDF, fn_constructor_args=(config,), batch_size=256, concurrency=(1, workers),
-                        num_cpus=1)
+    ds = ds.map_batches(_ChainUDF, fn_constructor_args=(config,), batch_size=256, num_cpus=1,
+                        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=workers))
     ds.write_parquet(str(tmp))
     os.replace(tmp, final)
 
@@ -350,7 +350,8 @@ def _stage_tokens(config: DataConfig, out: Path) -> None:
         tmp = _fresh_tmp(final)
         workers = _num_workers(config)
         ds = ray.data.read_parquet(str(out / "clean"), columns=["order", "source", "lang", "split", "copies", "text"])
-        ds = ds.map_batches(_TokenizeUDF, batch_size=512, concurrency=(1, workers), num_cpus=1,
+        ds = ds.map_batches(_TokenizeUDF, batch_size=512, num_cpus=1,
+                            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=workers),
                             fn_constructor_args=(str(tok_path), config.tokenizer.eos_token, config.mix.seed,
                                                  num_shards))
         ds.write_parquet(str(tmp))

@@ -19,7 +19,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from data_pipeline.config import SAMPLE_DIR
+from data_pipeline.config import SAMPLE_DIR, TERMS_DIR
+from data_pipeline.steps import load_terms
 
 _STOP = ["the", "and", "of", "to", "that", "with", "have", "be", "is", "in", "for", "on", "it", "was"]
 _DE = ("der die das und ist nicht ein eine zu mit von für auf über Haus Straße schön groß klein Wasser Kinder "
@@ -31,29 +32,45 @@ _FR = ("le la les et est pas un une de avec pour sur dans être avoir très mais
 
 
 @cache
+def _toxic_words() -> frozenset[str]:
+    return frozenset(w for term in load_terms(TERMS_DIR / "en.txt") for w in term.split())
+
+
+@cache
 def english_words() -> list[str]:
+    """Words of the bundled English fortunes, minus every word of the toxic list (phrases included)."""
+    bad = _toxic_words()
     words: set[str] = set()
     with gzip.open(SAMPLE_DIR / "en_fortunes.jsonl.gz", "rt", encoding="utf-8") as fh:
         for line in fh:
             words.update(w for w in re.findall(r"[a-z]{4,10}", json.loads(line)["text"].lower()))
-    return sorted(words)
+    return sorted(words - bad)
+
+
+@cache
+def chinese_sentences() -> list[str]:
+    """Modern Chinese sentences of the bundled Debian reference (zh-cn) that are almost all CJK."""
+    out: set[str] = set()
+    with gzip.open(SAMPLE_DIR / "zh_manual.jsonl.gz", "rt", encoding="utf-8") as fh:
+        for line in fh:
+            for sent in re.findall(r"[^。\n]{12,60}。", json.loads(line)["text"]):
+                if len(re.findall(r"[\u4e00-\u9fff]", sent)) >= 0.8 * len(sent):
+                    out.add(sent.strip())
+    return sorted(out)
 
 
 @cache
 def chinese_chars() -> list[str]:
-    chars: set[str] = set()
-    with gzip.open(SAMPLE_DIR / "zh_poetry.jsonl.gz", "rt", encoding="utf-8") as fh:
-        for line in fh:
-            chars.update(re.findall(r"[\u4e00-\u9fff]", json.loads(line)["text"]))
-    return sorted(chars)
+    return sorted({c for s in chinese_sentences() for c in s if "\u4e00" <= c <= "\u9fff"})
 
 
 def en_doc(rng: random.Random, num_words: int = 120) -> str:
     vocab = english_words()
+    stops = [w for w in _STOP if w not in _toxic_words()]
     lines, line, words = [], [], 0
     while words < num_words:
         n = rng.randint(8, 14)
-        sent = [rng.choice(_STOP) if rng.random() < 0.3 else rng.choice(vocab) for _ in range(n)]
+        sent = [rng.choice(stops) if rng.random() < 0.3 else rng.choice(vocab) for _ in range(n)]
         line.append(" ".join(sent).capitalize() + ".")
         words += n
         if len(line) == 3:
@@ -65,18 +82,16 @@ def en_doc(rng: random.Random, num_words: int = 120) -> str:
 
 
 def zh_doc(rng: random.Random, num_chars: int = 320) -> str:
-    vocab = chinese_chars()
-    lines, line, chars = [], [], 0
-    while chars < num_chars:
-        n = rng.randint(8, 16)
-        line.append("".join(rng.choice(vocab) for _ in range(n)) + rng.choice("，。；"))
-        chars += n + 1
-        if len(line) == 3:
-            lines.append("".join(line))
-            line = []
-    if line:
-        lines.append("".join(line))
-    return "\n".join(lines)
+    """Real modern Chinese sentences (distinct within a document) in a random order, three per line."""
+    pool = chinese_sentences()
+    sents: list[str] = []
+    chars = 0
+    for i in rng.sample(range(len(pool)), len(pool)):
+        sents.append(pool[i])
+        chars += len(pool[i])
+        if chars >= num_chars:
+            break
+    return "\n".join("".join(sents[i:i + 3]) for i in range(0, len(sents), 3))
 
 
 def other_doc(rng: random.Random, lang: str, num_words: int = 120) -> str:
@@ -176,7 +191,7 @@ def make_planted_corpus(root: str | Path, seed: int = 0, num_en: int = 40, num_z
     with gzip.open(root / "zh.jsonl.gz", "wt", encoding="utf-8") as fh:
         fh.write("\n".join(zl) + "\n")
     # books (Parquet): exact duplicates of web docs, across sources (case and spacing differ)
-    dup_texts = [en[5].upper(), "  " + zh[3].replace("\n", "\n\n") + "  ", en[6]]
+    dup_texts = [en[5].replace(" ", "  "), "  " + zh[3].replace("\n", "\n\n") + "  ", en[6]]
     pq.write_table(pa.table({"text": dup_texts, "id": ["b0", "b1", "b2"]}), root / "books.parquet")
     p.add("dedup.exact", len(dup_texts))
     # pages (HTML)
