@@ -23,7 +23,8 @@ def _data(tmp_path: Path) -> Path:
     rows = rng.integers(0, 512, size=(10, 17))
     write_token_shard(tmp_path / "tokens/validation/v-00000.arrow", rows[:6])
     write_token_shard(tmp_path / "tokens/validation/v-00001.arrow", rows[6:])
-    split = SplitInfo([ShardInfo("tokens/validation/v-00000.arrow", 6), ShardInfo("tokens/validation/v-00001.arrow", 4)])
+    split = SplitInfo([ShardInfo("tokens/validation/v-00000.arrow", 6),
+                       ShardInfo("tokens/validation/v-00001.arrow", 4)])
     write_manifest(tmp_path, Manifest(seq_len=16, vocab_size=512, tokenizer_sha256="x",
                                       splits={"train": SplitInfo(), "validation": split}))
     return tmp_path
@@ -61,7 +62,8 @@ def test_multiple_choice_end_to_end(tmp_path: Path) -> None:
     texts = ["the cat sat on the mat", "a dog ran in the park", "天下大势分久必合", "the sun is hot today"]
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    trainer = trainers.BpeTrainer(vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(texts, trainer)
     tok.save(str(tmp_path / "tokenizer.json"))
     tasks = tmp_path / "tasks.jsonl"
     tasks.write_text('{"question": "the cat", "choices": [" sat on the mat", " ran in"], "answer": 0}\n'
