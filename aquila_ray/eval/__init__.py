@@ -100,12 +100,12 @@ def multiple_choice(model: torch.nn.Module, tokenizer: Any, tasks: list[dict[str
                     max_len: int | None = None) -> dict[str, Any]:
     """Accuracy of perplexity-based choice; ``tokenizer`` is a ``tokenizers.Tokenizer``."""
     model.eval()
-    max_len = max_len or model.config.max_seq_len
+    limit: int = max_len or int(model.config.max_seq_len)  # type: ignore[union-attr]
     correct, chance = 0, 0.0
     for item in tasks:
         prompt = tokenizer.encode(item["question"]).ids
         choices = [tokenizer.encode(c).ids for c in item["choices"]]
-        scores = choice_scores(model, prompt, choices, max_len)
+        scores = choice_scores(model, prompt, choices, limit)
         correct += int(int(np.argmin(scores)) == item["answer"])
         chance += 1.0 / len(item["choices"])
     n = len(tasks)

@@ -105,7 +105,7 @@ def build_mlp(cfg: ModelConfig, layer_idx: int) -> nn.Module:
     """A dense SwiGLU MLP, or an MoE layer when ``cfg.moe`` is set (forward returns (y, RouterStats))."""
     if cfg.moe is None:
         return MLP(cfg.hidden_size, cfg.intermediate_size)
-    from aquila_ray.moe import MoELayer  # local: dense models never import the MoE package
+    from aquila_ray.moe import MoELayer  # type: ignore[attr-defined]  # local: dense models skip the MoE package
 
     return MoELayer(cfg, layer_idx)
 
@@ -180,7 +180,7 @@ class Aquila3(nn.Module):
         # MoE layers own their router init (its std differs from init_std).
         for m in self.modules():
             if m is not self and hasattr(m, "reset_router"):
-                m.reset_router(gen)
+                m.reset_router(gen)  # type: ignore[operator]
         return self
 
     def rope(self, T: int, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
