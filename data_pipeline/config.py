@@ -269,7 +269,10 @@ class DataConfig:
     rejected_text_chars: int = 2000
     """rejected/ keeps at most this many characters of each dropped text (the full size is recorded)."""
     num_workers: int = 0
-    """Ray Data actors for the filter and tokenize steps; 0 = one per CPU of the cluster (at least 1)."""
+    """Actors per pool when ``ray_compute`` is ``actors``; 0 = one per CPU of the cluster (at least 1)."""
+    ray_compute: Literal["tasks", "actors"] = "tasks"
+    """How Ray Data runs the filter and tokenize steps: ``tasks`` (no actor start-up; each worker process
+    builds the step objects once and reuses them) or ``actors`` (an autoscaling actor pool)."""
     normalize: NormalizeConfig = field(default_factory=NormalizeConfig)
     """Unicode normalization."""
     language: LanguageConfig = field(default_factory=LanguageConfig)
@@ -306,6 +309,7 @@ class DataConfig:
         data = to_dict(self)
         data.pop("output")
         data.pop("num_workers")
+        data.pop("ray_compute")
         return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

@@ -7,8 +7,9 @@ candidate pairs, candidates are verified by signature agreement (estimated Jacca
 union-find groups them, and every group keeps its document with the smallest ``order`` (so the result does
 not depend on parallelism or block boundaries).
 
-Follows datatrove's MinhashDedup (32-bit hashes, (a*h + b) mod 2^61-1 permutations) and NeMo Curator's
-character n-gram shingles (no word segmentation, so zh and en are treated alike).
+Follows datatrove's MinhashDedup (32-bit signature values from seeded hash permutations; ours are
+multiply-shift hashes) and NeMo Curator's character n-gram shingles (no word segmentation, so zh and en
+are treated alike).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import xxhash
 
 from data_pipeline.config import DedupConfig
 
-_MERSENNE = np.uint64((1 << 61) - 1)
+_SHIFT32 = np.uint64(32)
 _MASK32 = np.uint64(0xFFFFFFFF)
 _CHUNK = 4096
 
@@ -64,8 +65,10 @@ class MinHasher:
         self.config = config
         self.num_perm = config.num_bands * config.rows_per_band
         rng = np.random.default_rng(config.seed)
-        self.a = rng.integers(1, 1 << 32, size=(self.num_perm, 1), dtype=np.uint64)
-        self.b = rng.integers(0, 1 << 32, size=(self.num_perm, 1), dtype=np.uint64)
+        # multiply-shift hashing (Dietzfelbinger et al. 1997): ((a*x + b) mod 2^64) >> 32 with odd a; the
+        # wrap-around is the "mod 2^64", and it avoids the slow 64-bit modulo of (a*x + b) mod (2^61 - 1).
+        self.a = rng.integers(0, np.iinfo(np.uint64).max, size=(self.num_perm, 1), dtype=np.uint64) | np.uint64(1)
+        self.b = rng.integers(0, np.iinfo(np.uint64).max, size=(self.num_perm, 1), dtype=np.uint64)
 
     def signature(self, text: str) -> np.ndarray:
         """(num_perm,) uint32 MinHash signature."""
@@ -73,7 +76,7 @@ class MinHasher:
         sig = np.full(self.num_perm, np.iinfo(np.uint64).max, dtype=np.uint64)
         for start in range(0, sh.size, _CHUNK):  # bounded memory for long documents
             chunk = sh[None, start:start + _CHUNK]
-            vals = ((self.a * chunk + self.b) % _MERSENNE) & _MASK32  # (P, chunk); a, h < 2^32: no overflow
+            vals = (self.a * chunk + self.b) >> _SHIFT32  # (P, chunk), wrapping mod 2^64
             np.minimum(sig, vals.min(axis=1), out=sig)
         return sig.astype(np.uint32)
 

@@ -119,6 +119,38 @@ class _TokenizeUDF:
         return pa.table([cols[f.name] for f in TOKENIZED_SCHEMA], schema=TOKENIZED_SCHEMA)
 
 
+_UDF_CACHE: dict[tuple[str, str], Any] = {}
+
+
+def _cached(cls: type, key: str, *args: Any) -> Any:
+    """One instance of a UDF class per worker process (the task-based counterpart of an actor's state)."""
+    k = (cls.__name__, key)
+    if k not in _UDF_CACHE:
+        _UDF_CACHE[k] = cls(*args)
+    return _UDF_CACHE[k]
+
+
+def _chain_task(batch: dict[str, Any], config: DataConfig) -> pa.Table:
+    return _cached(_ChainUDF, config.fingerprint(), config)(batch)
+
+
+def _tokenize_task(batch: dict[str, Any], tokenizer_path: str, eos_token: str, seed: int,
+                   num_shards: dict[str, int]) -> pa.Table:
+    key = f"{tokenizer_path}:{file_sha256(tokenizer_path)[:16]}:{seed}:{sorted(num_shards.items())}"
+    return _cached(_TokenizeUDF, key, tokenizer_path, eos_token, seed, num_shards)(batch)
+
+
+def _map(ds: Any, config: DataConfig, cls: type, task_fn: Any, args: tuple[Any, ...], batch_size: int) -> Any:
+    """map_batches either as tasks (default: no actor start-up, the UDF object cached per worker process) or
+    as an actor pool (``ray_compute: actors``: state pinned to long-lived actors, better on big clusters)."""
+    import ray
+
+    if config.ray_compute == "actors":
+        return ds.map_batches(cls, fn_constructor_args=args, batch_size=batch_size, num_cpus=1,
+                              compute=ray.data.ActorPoolStrategy(min_size=1, max_size=_num_workers(config)))
+    return ds.map_batches(task_fn, fn_args=args, batch_size=batch_size, num_cpus=1)
+
+
 def _num_perm(config: DataConfig) -> int:
     return config.dedup.num_bands * config.dedup.rows_per_band if config.dedup.fuzzy else 1
 
@@ -179,11 +211,9 @@ def _stage_records(config: DataConfig, out: Path) -> None:
     files = plan_inputs(config)
     tmp = _fresh_tmp(final)
     items = [dataclasses.asdict(f) for f in files]
-    workers = _num_workers(config)
     ds = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
     ds = ds.map_batches(read_files_batch, batch_size=1, fn_kwargs={"max_doc_bytes": config.max_doc_bytes})
-    ds = ds.map_batches(_ChainUDF, fn_constructor_args=(config,), batch_size=256, num_cpus=1,
-                        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=workers))
+    ds = _map(ds, config, _ChainUDF, _chain_task, (config,), batch_size=256)
     ds.write_parquet(str(tmp))
     os.replace(tmp, final)
 
@@ -348,12 +378,9 @@ def _stage_tokens(config: DataConfig, out: Path) -> None:
     final = out / WORK / "tokenized"
     if not final.is_dir():
         tmp = _fresh_tmp(final)
-        workers = _num_workers(config)
         ds = ray.data.read_parquet(str(out / "clean"), columns=["order", "source", "lang", "split", "copies", "text"])
-        ds = ds.map_batches(_TokenizeUDF, batch_size=512, num_cpus=1,
-                            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=workers),
-                            fn_constructor_args=(str(tok_path), config.tokenizer.eos_token, config.mix.seed,
-                                                 num_shards))
+        ds = _map(ds, config, _TokenizeUDF, _tokenize_task,
+                  (str(tok_path), config.tokenizer.eos_token, config.mix.seed, num_shards), batch_size=512)
         ds.write_parquet(str(tmp))
         os.replace(tmp, final)
     remote = ray.remote(num_cpus=1)(pack_shard)

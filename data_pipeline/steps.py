@@ -263,7 +263,7 @@ class Toxic(Step):
         super().__init__()
         self.config = config
         self.words: dict[str, set[str]] = {}
-        self.phrases: dict[str, set[tuple[str, ...]]] = {}
+        self.phrases: dict[str, dict[str, list[tuple[str, ...]]]] = {}  # lang -> first word -> phrases
         self.patterns: dict[str, re.Pattern[str]] = {}
         for lang, path in config.term_files.items():
             terms = load_terms(path)
@@ -271,7 +271,12 @@ class Toxic(Step):
                 self.patterns[lang] = re.compile("|".join(re.escape(t) for t in sorted(terms, key=len, reverse=True)))
             else:
                 self.words[lang] = {t for t in terms if " " not in t}
-                self.phrases[lang] = {tuple(t.split()) for t in terms if " " in t}
+                by_first: dict[str, list[tuple[str, ...]]] = {}
+                for t in terms:
+                    if " " in t:
+                        words = tuple(t.split())
+                        by_first.setdefault(words[0], []).append(words)
+                self.phrases[lang] = by_first
 
     def matches(self, text: str, lang: str) -> int:
         """Number of term occurrences of ``lang``'s list in ``text``."""
@@ -280,11 +285,14 @@ class Toxic(Step):
         if lang not in self.words:
             return 0
         tokens = self._WORD.findall(text.lower())
-        words = self.words[lang]
-        hits = sum(1 for t in tokens if t in words)
-        for phrase in self.phrases[lang]:
-            k = len(phrase)
-            hits += sum(1 for j in range(len(tokens) - k + 1) if tuple(tokens[j:j + k]) == phrase)
+        words, phrases = self.words[lang], self.phrases[lang]
+        hits = 0
+        for j, t in enumerate(tokens):
+            if t in words:
+                hits += 1
+            for phrase in phrases.get(t, ()):
+                if tuple(tokens[j:j + len(phrase)]) == phrase:
+                    hits += 1
         return hits
 
     def process(self, batch: Batch, alive: list[int]) -> None:
