@@ -17,7 +17,7 @@ import numpy as np
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from aquila_ray.errors import DataError
-from data_pipeline.config import TokenizerConfig
+from data_pipeline.config import DataConfig, TokenizerConfig
 
 
 def train_tokenizer(texts: Iterable[str], config: TokenizerConfig) -> Tokenizer:
@@ -90,3 +90,32 @@ class Tokenize:
         out["ids"] = ids
         out["num_tokens"] = lengths
         return out
+
+
+def train_tokenizer_from_inputs(config: DataConfig, output: str | Path) -> Path:
+    """Train the tokenizer on the raw inputs of ``config`` (valid records, NFKC, no filtering or dedup) and
+    write it to ``output``; what ``jobs.train_tokenizer`` runs. ``prepare_data`` instead trains on clean/."""
+    import unicodedata
+
+    from data_pipeline.readers import plan_inputs, read_file
+
+    budget = config.tokenizer.max_train_chars
+
+    def texts() -> Iterable[str]:
+        used = 0
+        for f in plan_inputs(config):
+            for batch in read_file(f, config.max_doc_bytes):
+                for text, reason in zip(batch["text"], batch["reason"], strict=True):
+                    if reason:
+                        continue
+                    text = unicodedata.normalize("NFKC", text)[: budget - used]
+                    used += len(text)
+                    yield text
+                    if used >= budget:
+                        return
+
+    tok = train_tokenizer(texts(), config.tokenizer)
+    out = Path(output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_tokenizer(tok, out)
+    return out

@@ -262,3 +262,27 @@ def test_config_errors_name_field_value_and_fix(tmp_path: Path) -> None:
 def test_sources_from_inputs() -> None:
     srcs = sources_from_inputs(["web=data/*.jsonl", "data/wiki_zh.jsonl.gz", "x/y/*.parquet", "b/wiki_zh.json"])
     assert [s.name for s in srcs] == ["web", "wiki_zh", "y", "wiki_zh_2"]
+
+
+# ------------------------------------------------------------------------------------------------ jobs
+def test_prepare_data_job_dry_run_and_bad_config(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    from jobs import prepare_data as job
+
+    assert job.main(["--dry-run", "--output", str(tmp_path / "o"), "--set", "pack.seq_len=64"]) == 0
+    out = capsys.readouterr().out
+    assert '"seq_len": 64' in out and "zh_poetry.jsonl.gz" in out and not (tmp_path / "o").exists()
+    with pytest.raises(ConfigError, match="pack.seq_len=0 is not valid"):
+        job.main(["--output", str(tmp_path / "o"), "--set", "pack.seq_len=0"])
+    assert not (tmp_path / "o").exists()  # nothing was started
+
+
+def test_train_tokenizer_job(tmp_path: Path) -> None:
+    from tokenizers import Tokenizer
+
+    from jobs import train_tokenizer as job
+
+    src = tmp_path / "a.jsonl"
+    src.write_text("\n".join(json.dumps({"text": t}, ensure_ascii=False) for t in EN + ZH))
+    out = tmp_path / "tok.json"
+    assert job.main(["--input", str(src), "--output", str(out), "--set", "tokenizer.vocab_size=300"]) == 0
+    assert Tokenizer.from_file(str(out)).get_vocab_size() == 300
