@@ -137,8 +137,8 @@ def _read_jsonl(f: InputFile, max_bytes: int) -> Iterator[tuple[int, str, str, i
                 continue
             text, nbytes, reason = _check_text(obj.get(f.text_field), max_bytes)
             doc_id = str(obj["id"]) if obj.get("id") is not None else default_id
-            url = obj.get("url") if isinstance(obj.get("url"), str) else ""
-            yield index, doc_id, text, nbytes, reason, url
+            raw_url = obj.get("url")
+            yield index, doc_id, text, nbytes, reason, raw_url if isinstance(raw_url, str) else ""
             index += 1
 
 

@@ -211,7 +211,7 @@ def _stage_records(config: DataConfig, out: Path) -> None:
     files = plan_inputs(config)
     tmp = _fresh_tmp(final)
     items = [dataclasses.asdict(f) for f in files]
-    ds = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
+    ds: Any = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
     ds = ds.map_batches(read_files_batch, batch_size=1, fn_kwargs={"max_doc_bytes": config.max_doc_bytes})
     ds = _map(ds, config, _ChainUDF, _chain_task, (config,), batch_size=256)
     ds.write_parquet(str(tmp))
@@ -378,7 +378,8 @@ def _stage_tokens(config: DataConfig, out: Path) -> None:
     final = out / WORK / "tokenized"
     if not final.is_dir():
         tmp = _fresh_tmp(final)
-        ds = ray.data.read_parquet(str(out / "clean"), columns=["order", "source", "lang", "split", "copies", "text"])
+        columns = ["order", "source", "lang", "split", "copies", "text"]
+        ds: Any = ray.data.read_parquet(str(out / "clean"), columns=columns)
         ds = _map(ds, config, _TokenizeUDF, _tokenize_task,
                   (str(tok_path), config.tokenizer.eos_token, config.mix.seed, num_shards), batch_size=512)
         ds.write_parquet(str(tmp))
@@ -402,7 +403,9 @@ def _stage_tokens(config: DataConfig, out: Path) -> None:
         padding += r["num_padding"]
     # Characters per token, per language (documents counted once, EOS excluded).
     tt = pads.dataset(str(final), format="parquet").to_table(columns=["lang", "nchars", "num_tokens"]).to_pydict()
-    chars, toks, docs = Counter(), Counter(), Counter()
+    chars: Counter[str] = Counter()
+    toks: Counter[str] = Counter()
+    docs: Counter[str] = Counter()
     for lang, nc, nt in zip(tt["lang"], tt["nchars"], tt["num_tokens"], strict=True):
         chars[lang] += nc
         toks[lang] += nt - 1
@@ -410,9 +413,13 @@ def _stage_tokens(config: DataConfig, out: Path) -> None:
     cpt = {lang: round(chars[lang] / max(toks[lang], 1), 4) for lang in sorted(chars)}
     total_train = sum(tokens_per_source.values()) or 1
     weights = {s.name: s.weight for s in config.sources}
-    wsum = sum(w for w in weights.values() if w) or None
+    wsum = sum(w for w in weights.values() if w)
+
+    def target(w: float | None) -> float | None:
+        return w / wsum if w and wsum else None
+
     sources = {
-        s: {"weight": weights[s], "target_proportion": (weights[s] / wsum) if wsum and weights[s] else None,
+        s: {"weight": weights[s], "target_proportion": target(weights[s]),
             "train_tokens": tokens_per_source.get(s, 0),
             "realized_proportion": round(tokens_per_source.get(s, 0) / total_train, 6)}
         for s in weights

@@ -338,7 +338,7 @@ class DomainFilter(Step):
 # ---------------------------------------------------------------------------------------------------- registry
 # name -> factory(config). The order is the order documents flow through; dedup.exact / dedup.near and
 # mix.* reasons are decided after these (they need the whole corpus), see run.py.
-STEPS: dict[str, Callable[[DataConfig], Step]] = {
+STEPS: dict[str, Callable[[DataConfig], Step | DedupSignature]] = {
     "normalize": lambda c: Normalize(c.normalize),
     "lang": lambda c: LanguageId(c.language, c.normalize),
     "quality": lambda c: Quality(c.quality),
@@ -350,8 +350,8 @@ STEPS: dict[str, Callable[[DataConfig], Step]] = {
 STEP_ORDER = ("read", "normalize", "lang", "quality", "toxic", "domain", "dedup", "mix")
 
 
-def build_steps(config: DataConfig) -> list[Step]:
-    steps = []
+def build_steps(config: DataConfig) -> list[Step | DedupSignature]:
+    steps: list[Step | DedupSignature] = []
     for name, make in STEPS.items():
         if name == "quality" and not config.quality.enabled:
             continue
@@ -395,7 +395,7 @@ def _to_columns(batch: Batch) -> dict[str, Any]:
     return out
 
 
-def run_steps(batch: Batch, steps: Sequence[Step]) -> Batch:
+def run_steps(batch: Batch, steps: Sequence[Step | DedupSignature]) -> Batch:
     """Plain-Python helper (tests, benchmarks): run ``steps`` in order on a dict batch."""
     for s in steps:
         batch = s(batch)
