@@ -1,0 +1,111 @@
+"""The run report: ``report.json`` (per stage and per transition) and ``loss_vs_flops.png``.
+
+Transitions are measured the way the AquilaMoE paper's figure reads them: validation loss of the last
+checkpoint before the transition, of the transformed checkpoint before any training on it ("just after"),
+and the number of training steps the next stage needs before its (smoothed) training loss is back at the
+previous stage's final (smoothed) training loss.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+SMOOTH = 0.9
+
+
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    """Rows of a metrics.jsonl file (one JSON object per line), skipping a torn last line."""
+    rows = []
+    p = Path(path)
+    if not p.is_file():
+        return rows
+    for line in p.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows
+
+
+def ema(values: list[float], beta: float = SMOOTH) -> list[float]:
+    out, acc = [], None
+    for v in values:
+        acc = v if acc is None else beta * acc + (1 - beta) * v
+        out.append(acc)
+    return out
+
+
+def steps_to_recover(losses: list[float], target: float) -> int | None:
+    """First step (1-based) whose smoothed loss is <= target, or None if the stage never got there."""
+    for i, v in enumerate(ema(losses)):
+        if v <= target:
+            return i + 1
+    return None
+
+
+def build_report(train_stages: list[dict[str, Any]], transitions: list[dict[str, Any]]) -> dict[str, Any]:
+    """``train_stages``: per stage {name, metrics: rows, validation_loss, ...}; ``transitions``: per transform
+    {name, from_stage, to_stage, loss_before, loss_after}. Adds recovery steps and the overall summary."""
+    by_name = {s["name"]: s for s in train_stages}
+    stages_out = []
+    for s in train_stages:
+        rows = [r for r in s.get("metrics", []) if "loss" in r]
+        losses = [float(r["loss"]) for r in rows]
+        stages_out.append({
+            "name": s["name"],
+            "model": s.get("model"),
+            "steps": len(rows),
+            "tokens": rows[-1].get("consumed_tokens") if rows else 0,
+            "flops": rows[-1].get("cumulative_flops") if rows else 0.0,
+            "start_loss": losses[0] if losses else None,
+            "end_loss": losses[-1] if losses else None,
+            "end_loss_smoothed": ema(losses)[-1] if losses else None,
+            "validation_loss": s.get("validation_loss"),
+        })
+    out_by_name = {s["name"]: s for s in stages_out}
+    trans_out = []
+    for t in transitions:
+        before, after = t.get("loss_before"), t.get("loss_after")
+        prev = out_by_name.get(t["from_stage"], {})
+        nxt = by_name.get(t["to_stage"], {})
+        next_losses = [float(r["loss"]) for r in nxt.get("metrics", []) if "loss" in r]
+        target = prev.get("end_loss_smoothed")
+        trans_out.append({
+            **t,
+            "relative_change": (after - before) / before if before and after is not None else None,
+            "train_loss_before": target,
+            "train_loss_first_step_after": next_losses[0] if next_losses else None,
+            "steps_to_recover": steps_to_recover(next_losses, target) if target is not None else None,
+        })
+    return {"stages": stages_out, "transitions": trans_out}
+
+
+def plot_loss_vs_flops(train_stages: list[dict[str, Any]], path: str | Path) -> Path:
+    """Training loss against cumulative training FLOPs (log x), one colour per stage (the seed's figure)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
+    offset = 0.0
+    for s in train_stages:
+        rows = [r for r in s.get("metrics", []) if "loss" in r and "cumulative_flops" in r]
+        if not rows:
+            continue
+        # each stage's FLOPs continue from the previous stage's total: the recipe's compute so far
+        x = [offset + float(r["cumulative_flops"]) for r in rows]
+        ax.plot(x, ema([float(r["loss"]) for r in rows]), label=s["name"], linewidth=1.6)
+        offset = x[-1]
+    ax.set_xscale("log")
+    ax.set_xlabel("training FLOPs (cumulative over stages)")
+    ax.set_ylabel(f"training loss (EMA {SMOOTH})")
+    ax.set_title("EfficientScale: loss vs compute")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return Path(path)
