@@ -1,0 +1,177 @@
+"""The EfficientScale recipe as a typed config: models, transforms and one training setting per stage.
+
+``RECIPES`` is the index: ``tiny`` (the CPU quickstart, minutes on 2 cores) and ``aquila3-efficientscale``
+(the seed's 7B -> 16B -> 8x16B run: AKI-Pro growth, 8 experts top-2, LR 1.2e-3 / 4e-4 / 1.5e-4, batch
+12M / 12M / 24M tokens, 3.6T / 1.2T / 545B tokens), which only plans here (``--dry-run``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Literal
+
+from aquila_ray.config.model import ModelConfig, MoEConfig
+from aquila_ray.config.presets import get_preset
+from aquila_ray.errors import ConfigError
+
+
+@dataclass
+class StageConfig:
+    """One pretraining stage of the recipe (small dense, large dense, or MoE)."""
+
+    steps: int = 100
+    """Optimizer steps this stage runs."""
+    lr: float = 1e-3
+    """Peak learning rate."""
+    min_lr_ratio: float = 0.1
+    """Cosine decays to lr * min_lr_ratio."""
+    warmup_steps: int = 10
+    """Linear warmup steps."""
+    schedule: Literal["cosine", "constant"] = "cosine"
+    """Learning-rate shape after warmup."""
+    global_batch_tokens: int = 4096
+    """Tokens per optimizer step over all workers (a multiple of seq_len)."""
+    micro_batch_size: int = 8
+    """Sequences per worker per forward/backward; gradient accumulation makes up the rest."""
+    weight_decay: float = 0.1
+    """AdamW weight decay."""
+    grad_clip: float = 1.0
+    """Gradient-norm clipping threshold."""
+    planned_tokens: float | None = None
+    """The stage's token budget in the seed's run, for plans; None means steps * global_batch_tokens."""
+    num_workers: int = 1
+    """Ray Train workers (one GPU each on GPU clusters)."""
+    use_gpu: bool = False
+    """Give each worker a GPU (bf16); CPU workers train in fp32."""
+    zero_stage: int = 1
+    """DeepSpeed ZeRO stage (1 or 2)."""
+    expert_parallel: int = 1
+    """Expert-parallel size for MoE stages; divides num_workers and the number of experts."""
+    eval_every: int = 0
+    """Validation loss every N steps (0: only at the end)."""
+    checkpoint_every: int = 50
+    """Register a checkpoint with Ray Train every N steps (and at the end)."""
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "global_batch_tokens", "micro_batch_size", "num_workers", "expert_parallel"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v <= 0:
+                raise ConfigError(f"StageConfig.{name}={v!r} must be a positive integer")
+        if self.lr <= 0:
+            raise ConfigError(f"StageConfig.lr={self.lr} must be > 0")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ConfigError(f"StageConfig.min_lr_ratio={self.min_lr_ratio} must lie in [0, 1]")
+        if self.zero_stage not in (0, 1, 2):
+            raise ConfigError(f"StageConfig.zero_stage={self.zero_stage} is not valid; choose 0, 1 or 2")
+
+    def tokens(self) -> float:
+        return self.planned_tokens if self.planned_tokens is not None else float(self.steps * self.global_batch_tokens)
+
+
+@dataclass
+class GrowthOptions:
+    """How the small model grows into the large one (aquila_ray.growth)."""
+
+    method: Literal["fpi", "aki", "aki-pro"] = "aki-pro"
+    """fpi: function preserving; aki: bert2BERT advanced knowledge init; aki-pro: AquilaMoE's AKI-Pro."""
+    depth_mode: Literal["interpolate", "stack", "identity"] | None = None
+    """None: the method's own (fpi/aki-pro: interpolate, aki: stack); identity keeps the function exact."""
+    norm_mode: Literal["exact", "paper"] = "exact"
+    """exact: sqrt-split RMSNorm rescaling (exact at any width ratio); paper: plain 1/c splitting."""
+    map: Literal["circular", "random"] = "circular"
+    """How new units pick their source unit."""
+
+
+@dataclass
+class RecipeConfig:
+    """The whole EfficientScale run."""
+
+    small: ModelConfig = field(default_factory=lambda: get_preset("tiny"))
+    """The small dense model trained first (vocab_size is taken from the tokenizer)."""
+    large: ModelConfig = field(default_factory=lambda: get_preset("tiny-large"))
+    """The Scale-Up target (same vocabulary, head_dim, KV heads and RoPE as small)."""
+    growth: GrowthOptions = field(default_factory=GrowthOptions)
+    """Scale-Up method and options."""
+    moe: MoEConfig = field(default_factory=MoEConfig)
+    """Scale-Out: experts, top-k, router init, loss coefficients."""
+    upcycle: Literal["offline", "online"] = "offline"
+    """offline: a Ray task writes the MoE checkpoint; online: each MoE worker builds its experts itself."""
+    stage_small: StageConfig = field(default_factory=StageConfig)
+    """Training of the small dense model."""
+    stage_large: StageConfig = field(default_factory=StageConfig)
+    """Continued pretraining after Scale-Up."""
+    stage_moe: StageConfig = field(default_factory=StageConfig)
+    """Continued pretraining after Scale-Out."""
+    data_dir: str | None = None
+    """A prepared data directory to reuse; None runs prepare_data on the bundled sample corpus into DIR/data."""
+    data_overrides: list[str] = field(default_factory=list)
+    """``field=value`` overrides for the data job when it runs (e.g. pack.seq_len=256)."""
+    eval_tasks: str | None = "sample"
+    """Multiple-choice JSONL for the final evaluation; "sample" is the bundled cloze task, None skips it."""
+    eval_max_sequences: int | None = None
+    """Cap on validation sequences per evaluation (None: the whole split)."""
+    seed: int = 0
+    """Seeds model init, data order, growth maps and the router."""
+    wandb_project: str = "aquila-ray"
+    """W&B project; every stage logs to one W&B group named after the run."""
+
+    def __post_init__(self) -> None:
+        if self.small.moe is not None or self.large.moe is not None:
+            raise ConfigError("RecipeConfig.small and .large must be dense models (moe: null); the MoE shape comes "
+                              "from RecipeConfig.moe")
+
+
+def tiny_recipe() -> RecipeConfig:
+    """The quickstart: tiny (d64, 2 layers) -> tiny-large (d80, 4 layers) -> 8x top-2 MoE, on the sample
+    corpus, on CPU. Exact FPI growth so the transition shows function preservation; switch with
+    ``--set growth.method=aki-pro``."""
+    stage = dict(lr=3e-3, warmup_steps=10, global_batch_tokens=16 * 128, micro_batch_size=16, checkpoint_every=50,
+                 eval_every=0, num_workers=1)
+    return RecipeConfig(
+        small=get_preset("tiny"),
+        large=get_preset("tiny-large"),
+        growth=GrowthOptions(method="fpi", depth_mode="identity", norm_mode="exact"),
+        moe=MoEConfig(num_experts=8, top_k=2),
+        stage_small=StageConfig(steps=150, **stage),  # type: ignore[arg-type]
+        stage_large=StageConfig(steps=100, **{**stage, "lr": 2e-3}),  # type: ignore[arg-type]
+        stage_moe=StageConfig(steps=100, **{**stage, "lr": 2e-3}),  # type: ignore[arg-type]
+        eval_max_sequences=64,
+    )
+
+
+def aquila3_recipe() -> RecipeConfig:
+    """The seed's recipe (DESIGN.md table). Worker counts are our planning assumption (one GPU each), not the
+    paper's; set your own. Scale-Out runs online (no 200 GB intermediate MoE checkpoint)."""
+    seq = 4096
+    return RecipeConfig(
+        small=get_preset("aquila3-7b"),
+        large=get_preset("aquila3-16b"),
+        growth=GrowthOptions(method="aki-pro"),
+        moe=MoEConfig(num_experts=8, top_k=2, aux_loss_coeff=0.001, z_loss_coeff=0.01),
+        upcycle="online",
+        stage_small=StageConfig(steps=300_000, lr=1.2e-3, global_batch_tokens=12_582_912 // seq * seq,
+                                micro_batch_size=1, planned_tokens=3.6e12, num_workers=64, use_gpu=True,
+                                warmup_steps=2000, checkpoint_every=1000),
+        stage_large=StageConfig(steps=100_000, lr=4e-4, global_batch_tokens=12_582_912 // seq * seq,
+                                micro_batch_size=1, planned_tokens=1.2e12, num_workers=128, use_gpu=True,
+                                warmup_steps=1000, checkpoint_every=1000),
+        stage_moe=StageConfig(steps=22_700, lr=1.5e-4, global_batch_tokens=25_165_824 // seq * seq,
+                              micro_batch_size=1, planned_tokens=545e9, num_workers=256, use_gpu=True,
+                              expert_parallel=8, warmup_steps=500, checkpoint_every=500),
+        eval_tasks=None,
+    )
+
+
+RECIPES: dict[str, Callable[[], RecipeConfig]] = {
+    "tiny": tiny_recipe,
+    "aquila3-efficientscale": aquila3_recipe,
+}
+
+
+def get_recipe(name: str) -> RecipeConfig:
+    if name not in RECIPES:
+        raise ConfigError(f"unknown recipe preset {name!r}; valid presets: {sorted(RECIPES)}")
+    return RECIPES[name]()
+
+
