@@ -1,0 +1,319 @@
+"""cluster.yaml and the `ray job submit` workflow, checked on this machine.
+
+- cluster.yaml passes Ray's own launcher validation (prepare_config + validate_config), offline.
+- A local head with Ray token authentication: a data job and a tiny training job submitted through
+  `ray job submit` / JobSubmissionClient succeed and their logs are readable; clients without the
+  token (HTTP and gRPC) are refused.
+- Ray's fake_multinode provider: a training job that needs more workers than the head has makes the
+  autoscaler add nodes, and the job completes.
+
+Every cluster here is started by the test with `ray start` in its own process session, its own short
+temp dir and free ports, and torn down by killing exactly that session's processes (not `ray stop`,
+which kills every Ray process on the machine, other people's clusters included).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+CLUSTER_YAML = REPO / "cluster.yaml"
+PY = sys.executable
+RAY_BIN = str(Path(PY).with_name("ray"))
+
+
+# --------------------------------------------------------------------------------------------------
+# cluster.yaml (no Ray cluster, no cloud credentials)
+# --------------------------------------------------------------------------------------------------
+
+
+def _prepared_cluster_yaml() -> dict[str, Any]:
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    raw = yaml.safe_load(CLUSTER_YAML.read_text())
+    config = prepare_config(raw)
+    validate_config(config)
+    return config
+
+
+def test_cluster_yaml_passes_ray_validation() -> None:
+    config = _prepared_cluster_yaml()
+    assert config["provider"]["type"] == "aws"
+    assert set(config["available_node_types"]) == {"head", "gpu_8x", "cpu_32"}
+    assert config["head_node_type"] == "head"
+
+
+def test_cluster_yaml_node_types() -> None:
+    config = _prepared_cluster_yaml()
+    types = config["available_node_types"]
+    # Head: nothing that needs a CPU or GPU can be scheduled there.
+    assert types["head"]["resources"]["CPU"] == 0 and types["head"]["resources"]["GPU"] == 0
+    assert types["head"]["max_workers"] == 0
+    # Every type spells out its resources (auto-fill would need AWS credentials).
+    for name, t in types.items():
+        assert {"CPU", "GPU", "memory"} <= set(t["resources"]), name
+    gpu, cpu = types["gpu_8x"], types["cpu_32"]
+    assert gpu["resources"]["GPU"] == 8 and gpu["min_workers"] == 0 and gpu["max_workers"] >= 1
+    assert cpu["resources"]["GPU"] == 0 and cpu["resources"]["CPU"] > 0 and cpu["min_workers"] == 0
+    assert gpu["max_workers"] + cpu["max_workers"] <= config["max_workers"]
+
+
+def test_cluster_yaml_security() -> None:
+    config = _prepared_cluster_yaml()
+    head_start = " ".join(config["head_start_ray_commands"])
+    worker_start = " ".join(config["worker_start_ray_commands"])
+    # Dashboard / job API only on loopback, token auth on every node.
+    assert "--dashboard-host=127.0.0.1" in head_start
+    assert "RAY_AUTH_MODE=token" in head_start and "RAY_AUTH_MODE=token" in worker_start
+    assert "--num-cpus=0" in head_start and "--num-gpus=0" in head_start
+    # The token travels as a file from the user's machine, never written in the YAML.
+    assert config["file_mounts"]["~/.ray/auth_token"] == "~/.ray/auth_token"
+    # Only SSH is opened from outside, and not to the whole internet.
+    perms = config["provider"]["security_group"]["IpPermissions"]
+    assert [(p["FromPort"], p["ToPort"]) for p in perms] == [(22, 22)]
+    assert all(r["CidrIp"] != "0.0.0.0/0" for p in perms for r in p["IpRanges"])
+    # No credentials anywhere in the file.
+    text = CLUSTER_YAML.read_text()
+    for pattern in (r"AKIA[0-9A-Z]{16}", r"aws_secret_access_key", r"WANDB_API_KEY\s*[:=]\s*\S",
+                    r"RAY_AUTH_TOKEN\s*[:=]"):
+        assert not re.search(pattern, text, re.IGNORECASE), pattern
+    # The project is installed on every node (setup_commands run on head and workers).
+    for commands in (config["head_setup_commands"], config["worker_setup_commands"]):
+        assert any("pip install" in c and "aquila" in c for c in commands)
+
+
+# --------------------------------------------------------------------------------------------------
+# Local clusters started by the tests
+# --------------------------------------------------------------------------------------------------
+
+
+def _free_ports(n: int) -> list[int]:
+    """n distinct ports that are free right now (bound then released)."""
+    socks, ports = [], []
+    for _ in range(n):
+        s = socket.socket()
+        s.bind(("", 0))
+        socks.append(s)
+        ports.append(s.getsockname()[1])
+    for s in socks:
+        s.close()
+    return ports
+
+
+def _worker_port_range(width: int = 200) -> tuple[int, int]:
+    """A window of ports for Ray's worker processes, all free now."""
+    rng = secrets.SystemRandom()
+    for _ in range(50):
+        lo = rng.randrange(20000, 30000 - width)
+        try:
+            socks = []
+            for p in range(lo, lo + width):
+                s = socket.socket()
+                socks.append(s)
+                s.bind(("", p))
+            return lo, lo + width - 1
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    raise RuntimeError("no free window of worker ports")
+
+
+def _session_pids(sid: int) -> list[int]:
+    import psutil
+
+    pids = []
+    for proc in psutil.process_iter():
+        try:
+            if os.getsid(proc.pid) == sid:
+                pids.append(proc.pid)
+        except (ProcessLookupError, PermissionError, psutil.Error):
+            continue
+    return pids
+
+
+def _kill_session(sid: int, grace_s: float = 3.0) -> None:
+    """SIGTERM, then SIGKILL, every process in the session `ray start` was launched in."""
+    for sig, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 5.0)):
+        for pid in _session_pids(sid):
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.time() + wait_s
+        while _session_pids(sid) and time.time() < deadline:
+            time.sleep(0.2)
+        if not _session_pids(sid):
+            return
+
+
+def _client_env(token: str | None, home: Path) -> dict[str, str]:
+    """Environment for a client process: with the token, or with no token source at all."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "WANDB_"))}
+    env["HOME"] = str(home)  # no ~/.ray/auth_token from whoever runs the tests
+    env["PYTHONPATH"] = str(REPO)
+    env["WANDB_MODE"] = "disabled"
+    if token is None:
+        env["RAY_AUTH_MODE"] = "disabled"
+    else:
+        env["RAY_AUTH_MODE"] = "token"
+        env["RAY_AUTH_TOKEN"] = token
+    return env
+
+
+@dataclass
+class LocalHead:
+    """A `ray start --head` cluster owned by one test module."""
+
+    root: Path
+    token: str | None
+    gcs_address: str = ""
+    dashboard_url: str = ""
+    sid: int = 0
+    home: Path = field(default_factory=Path)
+
+    def env(self, with_token: bool = True) -> dict[str, str]:
+        return _client_env(self.token if with_token else None, self.home)
+
+    def ray(self, *args: str, with_token: bool = True, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([RAY_BIN, *args], cwd=REPO, env=self.env(with_token), text=True,
+                              capture_output=True, timeout=timeout)
+
+
+def _start_head(root: Path, token: str | None, num_cpus: int, extra_env: dict[str, str] | None = None,
+                extra_args: tuple[str, ...] = ()) -> LocalHead:
+    home = root / "home"
+    home.mkdir(parents=True, exist_ok=True)
+    head = LocalHead(root=root, token=token, home=home)
+    gcs, dash, agent, agent_grpc, client, metrics, rt_env = _free_ports(7)
+    lo, hi = _worker_port_range()
+    env = head.env(with_token=token is not None)
+    env.update(extra_env or {})
+    cmd = [RAY_BIN, "start", "--head", f"--port={gcs}", f"--dashboard-port={dash}", "--dashboard-host=127.0.0.1",
+           "--include-dashboard=true", f"--dashboard-agent-listen-port={agent}",
+           f"--dashboard-agent-grpc-port={agent_grpc}", f"--ray-client-server-port={client}",
+           f"--metrics-export-port={metrics}", f"--runtime-env-agent-port={rt_env}",
+           f"--min-worker-port={lo}", f"--max-worker-port={hi}", f"--num-cpus={num_cpus}", "--num-gpus=0",
+           f"--temp-dir={root / 'r'}", "--object-store-memory=200000000", "--disable-usage-stats", *extra_args]
+    # A new session: every Ray process of this cluster (and the fake nodes the autoscaler starts) is in it.
+    proc = subprocess.Popen(cmd, cwd=root, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    head.sid = proc.pid
+    try:
+        out, _ = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        _kill_session(head.sid)
+        raise
+    if proc.returncode != 0:
+        _kill_session(head.sid)
+        raise RuntimeError(f"ray start --head failed ({proc.returncode}):\n{out[-3000:]}")
+    m = re.search(r"ray start --address='([^']+)'", out)
+    head.gcs_address = m.group(1) if m else f"127.0.0.1:{gcs}"
+    head.dashboard_url = f"http://127.0.0.1:{dash}"
+    return head
+
+
+@pytest.fixture(scope="module")
+def short_root() -> Iterator[Path]:
+    # Ray puts unix sockets under --temp-dir; keep the path short (socket paths are limited to 107 bytes).
+    root = Path(tempfile.mkdtemp(prefix="ar", dir="/tmp"))
+    yield root
+    shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def auth_head(short_root: Path) -> Iterator[LocalHead]:
+    head = _start_head(short_root / "auth", token=secrets.token_hex(24), num_cpus=3)
+    try:
+        yield head
+    finally:
+        _kill_session(head.sid)
+
+
+def _job_status(head: LocalHead, job_id: str, timeout_s: float) -> str:
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    client = JobSubmissionClient(head.dashboard_url, headers={"Authorization": f"Bearer {head.token}"})
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        status = client.get_job_status(job_id)
+        if status in {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}:
+            return str(status.value)
+        time.sleep(1.0)
+    client.stop_job(job_id)
+    return "TIMEOUT"
+
+
+# --------------------------------------------------------------------------------------------------
+# Token authentication
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.ray
+def test_client_without_token_is_refused(auth_head: LocalHead) -> None:
+    import requests
+    from ray.exceptions import AuthenticationError
+    from ray.job_submission import JobSubmissionClient
+
+    # Raw HTTP: no token -> 401, wrong token -> 403, right token -> 200.
+    url = f"{auth_head.dashboard_url}/api/jobs/"
+    assert requests.get(url, timeout=10).status_code == 401
+    assert requests.get(url, headers={"Authorization": "Bearer not-the-token"}, timeout=10).status_code == 403
+    assert requests.get(url, headers={"Authorization": f"Bearer {auth_head.token}"}, timeout=10).status_code == 200
+
+    # The SDK: a wrong token raises Ray's AuthenticationError.
+    with pytest.raises(AuthenticationError, match="invalid or incorrect"):
+        JobSubmissionClient(auth_head.dashboard_url, headers={"Authorization": "Bearer not-the-token"}).list_jobs()
+
+    # The CLI with no token anywhere (fresh HOME, no RAY_AUTH_TOKEN).
+    r = auth_head.ray("job", "submit", "--address", auth_head.dashboard_url, "--", "echo", "hi",
+                      with_token=False, timeout=60)
+    assert r.returncode != 0
+    assert "Unauthorized: Missing authentication token" in r.stdout + r.stderr
+
+    # gRPC: a driver without the token cannot join the cluster.
+    probe = f"import ray; ray.init(address='{auth_head.gcs_address}'); print('JOINED')"
+    r = subprocess.run([PY, "-c", probe], env=auth_head.env(with_token=False), text=True, capture_output=True,
+                       timeout=90)
+    assert r.returncode != 0 and "JOINED" not in r.stdout, r.stdout[-2000:]
+    assert "InvalidAuthToken: Authentication token is missing or incorrect" in r.stderr, r.stderr[-2000:]
+
+
+@pytest.mark.ray
+def test_submit_data_job(auth_head: LocalHead, short_root: Path) -> None:
+    """`ray job submit --working-dir .` of the real data job on the bundled sample corpus."""
+    out = short_root / "data"
+    job_id = f"prepare-data-{secrets.token_hex(3)}"
+    r = auth_head.ray("job", "submit", "--address", auth_head.dashboard_url, "--working-dir", ".",
+                      "--submission-id", job_id, "--",
+                      "python", "-m", "jobs.prepare_data", "--output", str(out),
+                      "--set", "tokenizer.vocab_size=600", "--set", "pack.seq_len=32", timeout=300)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
+    assert f"Job '{job_id}' succeeded" in r.stdout + r.stderr
+
+    logs = auth_head.ray("job", "logs", "--address", auth_head.dashboard_url, job_id, timeout=60)
+    assert logs.returncode == 0, logs.stderr[-2000:]
+    summary = json.loads(logs.stdout[logs.stdout.index("{\n"):logs.stdout.rindex("}") + 1])
+    assert summary["output"] == str(out) and summary["total"]["kept"] > 0
+    from aquila_ray.train.shards import read_manifest
+
+    manifest = read_manifest(out)  # checks every listed shard exists
+    assert manifest.seq_len == 32 and manifest.splits["train"].num_sequences > 0
