@@ -1,0 +1,42 @@
+"""Mixture of Experts: fp32 top-k router with load-balancing and z losses, SwiGLU experts, and a token
+dispatcher with expert parallelism (all-to-all over the expert-parallel group).
+
+- ``MoELayer``: what ``aquila_ray.model`` builds for every MLP when ``ModelConfig.moe`` is set.
+- ``Router``, ``route``, ``load_balancing_loss``, ``router_z_loss``: routing and the losses.
+- ``ExpertParallel``, ``use_expert_parallel``, ``dispatch_combine``: placement and token exchange.
+- ``aquila_ray.moe.parallel`` (imported on demand): process groups, expert parameter marking and
+  DeepSpeed optimizer groups, expert-gradient reduction, gathering experts for checkpoints.
+
+Papers: Sparse Upcycling (arXiv 2212.05055), AquilaMoE (2408.06567), ST-MoE (2202.08906),
+NVIDIA 2412.09952 (online upcycling, EP8) and 2410.07524 (router order, granular upcycling).
+"""
+
+from aquila_ray.moe.dispatcher import (
+    SINGLE_DEVICE,
+    Dispatched,
+    ExpertParallel,
+    all_to_all,
+    capacity,
+    current_expert_parallel,
+    dispatch_combine,
+    use_expert_parallel,
+)
+from aquila_ray.moe.layer import MoELayer
+from aquila_ray.moe.router import Router, Routing, load_balancing_loss, route, router_z_loss
+
+__all__ = [
+    "Dispatched",
+    "ExpertParallel",
+    "MoELayer",
+    "Router",
+    "SINGLE_DEVICE",
+    "Routing",
+    "all_to_all",
+    "capacity",
+    "current_expert_parallel",
+    "dispatch_combine",
+    "load_balancing_loss",
+    "route",
+    "router_z_loss",
+    "use_expert_parallel",
+]
