@@ -1,0 +1,295 @@
+"""The training run config: one ``TrainConfig`` per pretraining stage (``aquila_ray.train.run_training``).
+
+Typed dataclasses with a docstring per field, checked in ``__post_init__`` (STYLE.md rule 3). Everything the
+Ray Train workers need travels in this config (no globals on workers, rule 9). YAML is a thin overlay:
+
+.. code-block:: yaml
+
+    model: tiny                 # a preset name, or {preset: tiny, hidden_size: 96, ...}, or every field
+    data_dir: /data/tokens
+    steps: 200
+    global_batch_tokens: 8192   # fixed; gradient accumulation adapts to the number of workers
+    micro_batch_size: 8
+    optimizer: {lr: 3.0e-3, weight_decay: 0.1, grad_clip: 1.0}
+    schedule: {kind: cosine, warmup_steps: 20, min_lr_ratio: 0.1}
+    checkpoint: {every: 50, num_to_keep: 2}
+    scaling: {num_workers: 2, min_workers: 1, zero_stage: 1}
+
+Checks that need the data or the init checkpoint (shards present, seq_len, vocabulary) run in the driver in
+``aquila_ray.train.validate`` before any worker starts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from aquila_ray.config.base import apply_overrides, from_dict, load_overlay
+from aquila_ray.config.model import ModelConfig
+from aquila_ray.config.presets import get_preset
+from aquila_ray.errors import ConfigError
+
+
+def _check_positive_int(owner: str, **values: Any) -> None:
+    for name, v in values.items():
+        if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+            raise ConfigError(f"{owner}.{name}={v!r} must be a positive integer")
+
+
+@dataclass
+class OptimizerConfig:
+    """AdamW (torch's, handed to DeepSpeed) and gradient clipping."""
+
+    lr: float = 1e-3
+    """Peak learning rate (the seed's table: 1.2e-3 for 7B, 4e-4 for 16B, 1.5e-4 for 8x16B)."""
+    weight_decay: float = 0.1
+    """Decoupled weight decay on matrices and embeddings; norms and biases get none."""
+    beta1: float = 0.9
+    """Adam beta1."""
+    beta2: float = 0.95
+    """Adam beta2."""
+    eps: float = 1e-8
+    """Adam epsilon."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this value; 0 disables clipping."""
+
+    def __post_init__(self) -> None:
+        if not self.lr > 0:
+            raise ConfigError(f"OptimizerConfig.lr={self.lr} must be > 0")
+        if self.weight_decay < 0:
+            raise ConfigError(f"OptimizerConfig.weight_decay={self.weight_decay} must be >= 0")
+        for name in ("beta1", "beta2"):
+            v = getattr(self, name)
+            if not 0 <= v < 1:
+                raise ConfigError(f"OptimizerConfig.{name}={v} must lie in [0, 1)")
+        if not self.eps > 0:
+            raise ConfigError(f"OptimizerConfig.eps={self.eps} must be > 0")
+        if self.grad_clip < 0:
+            raise ConfigError(f"OptimizerConfig.grad_clip={self.grad_clip} must be >= 0 (0 disables clipping)")
+
+
+@dataclass
+class ScheduleConfig:
+    """Learning-rate schedule: linear warmup, then cosine decay or constant."""
+
+    kind: Literal["cosine", "constant"] = "cosine"
+    """Shape after warmup."""
+    warmup_steps: int = 0
+    """Linear warmup from lr / warmup_steps to lr over this many steps."""
+    min_lr_ratio: float = 0.1
+    """Cosine decays to lr * min_lr_ratio at ``decay_steps``."""
+    decay_steps: int | None = None
+    """Step at which the cosine ends; None means the run's ``steps``."""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
+            raise ConfigError(f"ScheduleConfig.warmup_steps={self.warmup_steps!r} must be an integer >= 0")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ConfigError(f"ScheduleConfig.min_lr_ratio={self.min_lr_ratio} must lie in [0, 1]")
+        if self.decay_steps is not None:
+            _check_positive_int("ScheduleConfig", decay_steps=self.decay_steps)
+
+
+@dataclass
+class CheckpointingConfig:
+    """When training checkpoints are registered with Ray Train and how many are kept."""
+
+    every: int = 50
+    """Register a checkpoint every N optimizer steps (and always after the last step)."""
+    num_to_keep: int | None = 2
+    """Ray Train keeps this many registered checkpoints (None: all)."""
+    max_shard_bytes: int = 2 * 1024**3
+    """Split model and optimizer safetensors files above this size."""
+
+    def __post_init__(self) -> None:
+        _check_positive_int("CheckpointingConfig", every=self.every, max_shard_bytes=self.max_shard_bytes)
+        if self.num_to_keep is not None:
+            _check_positive_int("CheckpointingConfig", num_to_keep=self.num_to_keep)
+
+
+@dataclass
+class WandbConfig:
+    """Weights & Biases logging from rank 0 (offline unless WANDB_MODE or WANDB_API_KEY says otherwise)."""
+
+    enabled: bool = True
+    """Log to W&B at all."""
+    project: str = "aquila-ray"
+    """W&B project."""
+    group: str | None = None
+    """W&B group (the EfficientScale pipeline puts its stages in one group)."""
+    entity: str | None = None
+    """W&B entity (team); None: the API key's default."""
+    mode: Literal["online", "offline", "disabled"] | None = None
+    """None: WANDB_MODE if set, else online when WANDB_API_KEY is set, else offline."""
+
+
+@dataclass
+class ScalingOptions:
+    """Workers, resources and parallelism (turned into Ray's ScalingConfig and the DeepSpeed config)."""
+
+    num_workers: int = 1
+    """Ray Train workers (one GPU each with use_gpu); the most the run asks for."""
+    min_workers: int | None = None
+    """Elastic lower bound: ScalingConfig(num_workers=(min_workers, num_workers)); None: fixed size."""
+    use_gpu: bool = False
+    """One GPU per worker, bf16 autocast in DeepSpeed; CPU workers train in fp32."""
+    cpus_per_worker: int = 1
+    """CPUs Ray reserves per worker (also torch's intra-op threads on CPU workers)."""
+    zero_stage: Literal[0, 1, 2] = 1
+    """DeepSpeed ZeRO stage: 1 partitions optimizer state, 2 also gradients."""
+    expert_parallel: int = 1
+    """Expert-parallel group size for MoE models; divides num_experts and every allowed worker count."""
+    max_failures: int = 3
+    """Worker-group restarts (from the last registered checkpoint) before the run fails."""
+
+    def __post_init__(self) -> None:
+        _check_positive_int("ScalingOptions", num_workers=self.num_workers, cpus_per_worker=self.cpus_per_worker,
+                            expert_parallel=self.expert_parallel)
+        if self.min_workers is not None:
+            _check_positive_int("ScalingOptions", min_workers=self.min_workers)
+            if self.min_workers > self.num_workers:
+                raise ConfigError(f"ScalingOptions.min_workers={self.min_workers} exceeds num_workers="
+                                  f"{self.num_workers}; valid: 1 <= min_workers <= num_workers")
+        if self.zero_stage not in (0, 1, 2):
+            raise ConfigError(f"ScalingOptions.zero_stage={self.zero_stage!r} is not valid; choose 0, 1 or 2")
+        if not isinstance(self.max_failures, int) or self.max_failures < -1:
+            raise ConfigError(f"ScalingOptions.max_failures={self.max_failures!r} must be an integer >= 0 "
+                              f"(-1: unlimited)")
+
+    def worker_counts(self) -> list[int]:
+        """Every worker count the run may train at."""
+        return list(range(self.min_workers or self.num_workers, self.num_workers + 1))
+
+
+@dataclass
+class TrainConfig:
+    """One training run (one EfficientScale stage): model, data, batch, optimizer, schedule, workers."""
+
+    model: ModelConfig = field(default_factory=lambda: get_preset("tiny"))
+    """The model shape (dense or MoE). In YAML: a preset name, {preset: NAME, field: value...}, or all fields."""
+    data_dir: str = ""
+    """A prepared data directory (manifest.json + tokens/{train,validation}/*.arrow)."""
+    init: Literal["scratch", "checkpoint", "upcycle"] = "scratch"
+    """scratch: seeded random init; checkpoint: weights from ``init_from`` (same shape); upcycle: the MoE
+    model is built online from the dense checkpoint ``init_from`` (each expert-parallel rank its experts)."""
+    init_from: str | None = None
+    """Checkpoint directory for init=checkpoint|upcycle. Only used on a fresh start: a resumed run always
+    continues from its own last registered checkpoint."""
+    steps: int = 100
+    """Optimizer steps of this run."""
+    global_batch_tokens: int = 16 * 128
+    """Tokens per optimizer step over all workers; a multiple of seq_len (fixed whatever the worker count)."""
+    micro_batch_size: int = 8
+    """Sequences per worker per forward/backward; gradient accumulation = per-worker batch / this."""
+    seed: int = 0
+    """Seeds the model init, the data order (a permutation per epoch) and the router init."""
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    """AdamW and clipping."""
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    """Learning-rate schedule."""
+    checkpoint: CheckpointingConfig = field(default_factory=CheckpointingConfig)
+    """Checkpoint frequency and retention."""
+    scaling: ScalingOptions = field(default_factory=ScalingOptions)
+    """Workers and parallelism."""
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    """W&B logging."""
+    eval_every: int = 0
+    """Validation loss on the held-out split every N steps (0: only after the last step; -1: never)."""
+    eval_max_sequences: int | None = 64
+    """Validation sequences per evaluation (None: the whole split)."""
+    log_every: int = 1
+    """Console line every N steps (metrics.jsonl and W&B get every step)."""
+    peak_flops_per_worker: float | None = None
+    """Peak FLOP/s of one worker's device, for MFU; None: 989e12 (H100 bf16 dense) on GPU, 1e12 on CPU."""
+    deterministic: bool = True
+    """torch.use_deterministic_algorithms (warn only) and fixed seeds: kill/resume gives bit-identical
+    weights at the same worker count."""
+    fault_injection: str | None = None
+    """Testing only: "RANK@STEP" makes that rank SIGKILL its own process, once, when it reaches STEP (a
+    marker file in the run directory keeps it from firing again after the restart)."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.model, str):
+            self.model = get_preset(self.model)
+        _check_positive_int("TrainConfig", steps=self.steps, global_batch_tokens=self.global_batch_tokens,
+                            micro_batch_size=self.micro_batch_size, log_every=self.log_every)
+        if self.init != "scratch" and not self.init_from:
+            raise ConfigError(f"TrainConfig.init={self.init!r} needs init_from=CHECKPOINT_DIR")
+        if self.init == "upcycle" and self.model.moe is None:
+            raise ConfigError("TrainConfig.init='upcycle' needs an MoE model (model.moe set); the dense "
+                              "checkpoint in init_from is upcycled into it")
+        if not isinstance(self.eval_every, int) or self.eval_every < -1:
+            raise ConfigError(f"TrainConfig.eval_every={self.eval_every!r} must be an integer >= -1")
+        if self.eval_max_sequences is not None:
+            _check_positive_int("TrainConfig", eval_max_sequences=self.eval_max_sequences)
+        if self.peak_flops_per_worker is not None and not self.peak_flops_per_worker > 0:
+            raise ConfigError(f"TrainConfig.peak_flops_per_worker={self.peak_flops_per_worker} must be > 0")
+        moe = self.model.moe
+        ep = self.scaling.expert_parallel
+        if moe is None and ep != 1:
+            raise ConfigError(f"ScalingOptions.expert_parallel={ep} needs an MoE model; dense models use 1")
+        if moe is not None and moe.num_experts % ep:
+            raise ConfigError(f"ScalingOptions.expert_parallel={ep} does not divide model.moe.num_experts="
+                              f"{moe.num_experts}; valid: a divisor of {moe.num_experts}")
+        bad_ep = [w for w in self.scaling.worker_counts() if w % ep]
+        if bad_ep:
+            raise ConfigError(f"ScalingOptions.expert_parallel={ep} does not divide the worker count(s) {bad_ep}; "
+                              f"every allowed worker count (min_workers..num_workers) must be a multiple of it")
+        if self.fault_injection is not None:
+            parts = self.fault_injection.split("@")
+            if len(parts) != 2 or not all(p.isdigit() for p in parts):
+                raise ConfigError(f"TrainConfig.fault_injection={self.fault_injection!r} must look like RANK@STEP (e.g. 1@5)")
+
+    def batch_sequences(self, seq_len: int) -> int:
+        """Global batch in sequences; raises a ConfigError unless it divides into every worker count."""
+        if self.global_batch_tokens % seq_len:
+            raise ConfigError(f"TrainConfig.global_batch_tokens={self.global_batch_tokens} is not a multiple of the "
+                              f"data's seq_len={seq_len}; valid: k * {seq_len}, e.g. "
+                              f"{max(1, self.global_batch_tokens // seq_len) * seq_len}")
+        batch = self.global_batch_tokens // seq_len
+        for w in self.scaling.worker_counts():
+            if batch % (w * self.micro_batch_size):
+                raise ConfigError(
+                    f"TrainConfig.global_batch_tokens={self.global_batch_tokens} ({batch} sequences of {seq_len}) "
+                    f"is not divisible by num_workers={w} x micro_batch_size={self.micro_batch_size}; valid: a "
+                    f"batch of k * {w * self.micro_batch_size} sequences for every allowed worker count "
+                    f"{self.scaling.worker_counts()}")
+        return batch
+
+
+def _model_from_overlay(value: Any) -> ModelConfig:
+    if isinstance(value, ModelConfig):
+        return value
+    if isinstance(value, str):
+        return get_preset(value)
+    if isinstance(value, dict):
+        if "preset" in value:
+            rest = {k: v for k, v in value.items() if k != "preset"}
+            return apply_overrides(get_preset(value["preset"]), rest)
+        return from_dict(ModelConfig, value, prefix="model.")
+    raise ConfigError(f"model={value!r} must be a preset name, {{preset: NAME, ...}}, or a mapping of fields")
+
+
+def build_train_config(overlay: dict[str, Any] | str | Path | None = None,
+                       overrides: list[str] | None = None) -> TrainConfig:
+    """A TrainConfig from a YAML/JSON file or dict overlaid on the defaults, then ``a.b=value`` overrides.
+
+    ``model`` may be a preset name or ``{preset: NAME, field: value}``; ``--set model=tiny-moe`` works too.
+    """
+    data = load_overlay(overlay) if isinstance(overlay, (str, Path)) else dict(overlay or {})
+    model = _model_from_overlay(data.pop("model", "tiny"))
+    model_overrides: list[str] = []
+    rest: list[str] = []
+    for o in overrides or []:
+        key = o.split("=", 1)[0].strip()
+        if key == "model":
+            model = _model_from_overlay(o.split("=", 1)[1].strip())
+        elif key.startswith("model."):
+            model_overrides.append(o[len("model."):])
+        else:
+            rest.append(o)
+    if model_overrides:
+        model = apply_overrides(model, model_overrides)
+    cfg = from_dict(TrainConfig, {**data, "model": model})
+    return apply_overrides(cfg, rest) if rest else cfg

@@ -1,0 +1,272 @@
+"""Parallelism applied in one fixed order (torchtitan's ``parallelize_llama``): process groups, model
+build (dense, MoE, or online upcycling), parameter groups, DeepSpeed engine; plus the optimizer state in
+a layout-independent form.
+
+The order on every worker: (1) expert-parallel groups (MoE only; every rank creates every group, in the
+same order, as torch.distributed requires), (2) the single-device model with its weights (seeded init,
+an init checkpoint, online upcycling, or the resumed checkpoint), (3) AdamW parameter groups (no weight
+decay on norms and biases; MoE expert parameters in their own groups), (4) ``deepspeed.initialize`` with
+ZeRO-1 (or 2) and gradient accumulation derived from the worker count.
+
+Optimizer state is saved per parameter name (full fp32 ``exp_avg`` / ``exp_avg_sq`` tensors, assembled
+from the ZeRO partitions) so that a checkpoint written at W workers loads at any other W; DeepSpeed's own
+ZeRO checkpoints only load at the world size that wrote them.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from aquila_ray.config.model import ModelConfig
+from aquila_ray.config.train import TrainConfig
+from aquila_ray.model import Aquila3, build_model
+
+ADAM_KEYS = ("exp_avg", "exp_avg_sq")
+
+
+@dataclass
+class ParallelDims:
+    """How the workers are arranged: data parallel over all ranks, experts sharded over ``ep`` ranks."""
+
+    world_size: int
+    rank: int
+    ep: int = 1
+
+    @property
+    def ep_rank(self) -> int:
+        return self.rank % self.ep
+
+    @property
+    def ep_group_index(self) -> int:
+        return self.rank // self.ep
+
+
+@dataclass
+class ExpertParallel:
+    """The process groups of expert parallelism (None when ep == 1)."""
+
+    ep_group: Any = None
+    """Ranks that share one copy of all experts, each holding num_experts / ep of them."""
+    expert_dp_group: Any = None
+    """Ranks that hold the same experts (data parallel for expert parameters)."""
+
+
+def create_expert_parallel_groups(dims: ParallelDims) -> ExpertParallel:
+    """EP groups are consecutive ranks [g*ep, (g+1)*ep); expert-DP groups are ranks with equal ep_rank."""
+    if dims.ep == 1:
+        return ExpertParallel()
+    ep_group = expert_dp_group = None
+    for g in range(dims.world_size // dims.ep):
+        ranks = list(range(g * dims.ep, (g + 1) * dims.ep))
+        group = dist.new_group(ranks)
+        if dims.rank in ranks:
+            ep_group = group
+    for e in range(dims.ep):
+        ranks = list(range(e, dims.world_size, dims.ep))
+        group = dist.new_group(ranks)
+        if dims.rank in ranks:
+            expert_dp_group = group
+    return ExpertParallel(ep_group, expert_dp_group)
+
+
+def build_worker_model(cfg: TrainConfig, model_cfg: ModelConfig, dims: ParallelDims, ep: ExpertParallel,
+                       state_dict: dict[str, torch.Tensor] | None, device: torch.device) -> Aquila3:
+    """The model with its starting weights. ``state_dict`` (full, layout-independent) wins when given;
+    otherwise ``cfg.init`` decides (scratch, an init checkpoint, or online upcycling)."""
+    if state_dict is None and cfg.init == "checkpoint":
+        from aquila_ray.checkpoint import load_state_dict
+
+        state_dict, _ = load_state_dict(cfg.init_from)  # type: ignore[arg-type]
+    if state_dict is None and cfg.init == "upcycle":
+        from aquila_ray.train.moe_support import upcycled_state_dict
+
+        state_dict = upcycled_state_dict(cfg, model_cfg, dims)
+    model = build_model(model_cfg, seed=cfg.seed if state_dict is None else None, device="cpu")
+    if model_cfg.moe is not None:
+        from aquila_ray.train.moe_support import shard_experts
+
+        shard_experts(model, model_cfg, dims, ep)
+    if state_dict is not None:
+        load_full_state_dict(model, state_dict, dims)
+    return model.to(device)
+
+
+def load_full_state_dict(model: Aquila3, state_dict: dict[str, torch.Tensor], dims: ParallelDims) -> None:
+    """Copy a full (unsharded) state dict into the model; expert tensors are sliced to this rank's experts."""
+    if model.config.moe is not None and dims.ep > 1:
+        from aquila_ray.train.moe_support import local_expert_state
+
+        state_dict = local_expert_state(model, state_dict, dims)
+    missing, unexpected = model.load_state_dict(state_dict, strict=False)
+    missing = [k for k in missing if not (model.config.tie_embeddings and k == "lm_head.weight")]
+    if missing or unexpected:
+        raise RuntimeError(f"state dict does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+
+
+def full_model_state_dict(model: nn.Module, dims: ParallelDims, ep: ExpertParallel) -> dict[str, torch.Tensor]:
+    """Every weight, unsharded, keyed by parameter name (experts gathered over the EP group). Collective."""
+    sd = {k: v.detach().to("cpu", torch.float32 if v.is_floating_point() else v.dtype).contiguous()
+          for k, v in model.state_dict().items()}
+    if getattr(model, "config", None) is not None and model.config.moe is not None and dims.ep > 1:  # type: ignore[union-attr]
+        from aquila_ray.train.moe_support import gather_expert_tensors
+
+        sd = gather_expert_tensors(model, sd, dims, ep)
+    return sd
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW groups: decay on matrices and embeddings, none on norms and biases; MoE expert parameters in
+    separate groups (DeepSpeed reduces them over the expert-data-parallel group)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (decay if p.ndim >= 2 and not name.endswith("norm.weight") else no_decay).append(p)
+    groups: list[dict[str, Any]] = [
+        {"params": decay, "weight_decay": weight_decay, "name": "decay"},
+        {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"},
+    ]
+    if getattr(model, "config", None) is not None and model.config.moe is not None:  # type: ignore[union-attr]
+        from aquila_ray.train.moe_support import split_moe_param_groups
+
+        groups = split_moe_param_groups(groups)
+    return [g for g in groups if g["params"]]
+
+
+def deepspeed_config(cfg: TrainConfig, micro_batch: int, grad_accum: int, world_size: int) -> dict[str, Any]:
+    conf: dict[str, Any] = {
+        "train_batch_size": micro_batch * grad_accum * world_size,
+        "train_micro_batch_size_per_gpu": micro_batch,
+        "gradient_accumulation_steps": grad_accum,
+        "zero_optimization": {"stage": cfg.scaling.zero_stage},
+        "zero_allow_untested_optimizer": True,
+        "bf16": {"enabled": cfg.scaling.use_gpu},
+        "steps_per_print": 2**31 - 1,
+        "wall_clock_breakdown": False,
+    }
+    if cfg.optimizer.grad_clip > 0:
+        conf["gradient_clipping"] = cfg.optimizer.grad_clip
+    return conf
+
+
+def build_engine(model: nn.Module, cfg: TrainConfig, micro_batch: int, grad_accum: int,
+                 world_size: int) -> Any:
+    """DeepSpeed engine around ``model`` with torch's AdamW (no fused_adam build on CPU)."""
+    import deepspeed
+
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    deepspeed.utils.logger.setLevel(logging.WARNING)
+    o = cfg.optimizer
+    optimizer = torch.optim.AdamW(param_groups(model, o.weight_decay), lr=o.lr, betas=(o.beta1, o.beta2),
+                                  eps=o.eps, foreach=False)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer,
+                                      config=deepspeed_config(cfg, micro_batch, grad_accum, world_size))
+    return engine
+
+
+def set_lr(engine: Any, lr: float) -> None:
+    for group in engine.optimizer.param_groups:
+        group["lr"] = lr
+
+
+# ---- layout-independent optimizer state -----------------------------------------------------------------
+
+def _torch_optimizer(engine: Any) -> torch.optim.Optimizer:
+    """The torch AdamW inside DeepSpeed's wrapper (ZeRO-1/2 and bf16 wrappers hold it as ``.optimizer``)."""
+    opt = engine.optimizer
+    return opt.optimizer if isinstance(getattr(opt, "optimizer", None), torch.optim.Optimizer) else opt
+
+
+def _zero_fragment(opt: torch.optim.Optimizer, p: torch.nn.Parameter) -> tuple[torch.Tensor, int, int, int] | None:
+    """(flat fp32 partition, start in it, start in the parameter, numel) of this rank's slice of ``p``.
+
+    DeepSpeed's ZeRO-1/2 and bf16 optimizers give each low-precision parameter an ``_hp_mapping`` into the
+    flat fp32 partition that torch's optimizer steps (one per parameter group)."""
+    mapping = getattr(p, "_hp_mapping", None)
+    if mapping is None:
+        return None
+    flat = opt.param_groups[mapping.param_group_index]["params"][0]
+    return flat, mapping.hp_fragment_address.start, mapping.lp_fragment_address.start, mapping.lp_fragment_address.numel
+
+
+def _is_partitioned(model: nn.Module) -> bool:
+    return any(hasattr(p, "_hp_mapping") for p in model.parameters())
+
+
+def gather_optimizer_state(engine: Any, model: nn.Module, dims: ParallelDims,
+                           ep: ExpertParallel) -> tuple[dict[str, torch.Tensor], int]:
+    """Full fp32 Adam moments per parameter name (``NAME.exp_avg``, ``NAME.exp_avg_sq``) and the optimizer
+    step. Collective: every rank calls it; the assembled tensors are valid on every rank."""
+    opt = _torch_optimizer(engine)
+    out: dict[str, torch.Tensor] = {}
+    step = 0
+    zero = _is_partitioned(model)
+    for name, p in model.named_parameters():
+        for key in ADAM_KEYS:
+            full = torch.zeros(p.numel(), dtype=torch.float32, device=p.device)
+            if zero:
+                frag = _zero_fragment(opt, p)
+                if frag is not None:
+                    flat, hp_start, lp_start, n = frag
+                    st = opt.state.get(flat, {})
+                    if key in st:
+                        full[lp_start:lp_start + n] = st[key][hp_start:hp_start + n]
+                        step = int(st["step"])
+                group = getattr(p, "_dp_group", None)
+                if dims.world_size > 1:
+                    dist.all_reduce(full, group=group)
+            else:
+                st = opt.state.get(p, {})
+                if key in st:
+                    full.copy_(st[key].reshape(-1).float())
+                    step = int(st["step"])
+            out[f"{name}.{key}"] = full.reshape(p.shape).cpu()
+    if dims.world_size > 1:
+        t = torch.tensor([step], dtype=torch.int64)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        step = int(t.item())
+    if model.config.moe is not None and dims.ep > 1:  # type: ignore[union-attr]
+        from aquila_ray.train.moe_support import gather_expert_tensors
+
+        out = gather_expert_tensors(model, out, dims, ep, suffixes=tuple(f".{k}" for k in ADAM_KEYS))
+    return out, step
+
+
+def load_optimizer_state(engine: Any, model: nn.Module, state: dict[str, torch.Tensor], step: int,
+                         dims: ParallelDims) -> None:
+    """Put full per-name Adam moments into the (possibly ZeRO-partitioned) optimizer, at optimizer step
+    ``step``. Works whatever the world size that saved them."""
+    if model.config.moe is not None and dims.ep > 1:  # type: ignore[union-attr]
+        from aquila_ray.train.moe_support import local_expert_state
+
+        state = local_expert_state(model, state, dims)
+    opt = _torch_optimizer(engine)
+    missing = [f"{n}.{k}" for n, _ in model.named_parameters() for k in ADAM_KEYS if f"{n}.{k}" not in state]
+    if missing:
+        raise RuntimeError(f"optimizer state lacks {len(missing)} tensor(s), e.g. {missing[:3]}")
+    step_t = torch.tensor(float(step), dtype=torch.float32)
+    if _is_partitioned(model):
+        for group in opt.param_groups:
+            for flat in group["params"]:
+                opt.state[flat] = {"step": step_t.clone(), **{k: torch.zeros_like(flat) for k in ADAM_KEYS}}
+        for name, p in model.named_parameters():
+            frag = _zero_fragment(opt, p)
+            if frag is None:
+                continue
+            flat, hp_start, lp_start, n = frag
+            for key in ADAM_KEYS:
+                src = state[f"{name}.{key}"].reshape(-1)[lp_start:lp_start + n]
+                opt.state[flat][key][hp_start:hp_start + n].copy_(src)
+        if hasattr(engine.optimizer, "_hp_optimizer_states_linked"):
+            engine.optimizer._hp_optimizer_states_linked = False  # relink fragments to the new state tensors
+    else:
+        for name, p in model.named_parameters():
+            opt.state[p] = {"step": step_t.clone(),
+                            **{k: state[f"{name}.{k}"].to(p.device, torch.float32).reshape(p.shape).clone()
+                               for k in ADAM_KEYS}}

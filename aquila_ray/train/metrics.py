@@ -1,0 +1,145 @@
+"""Per-step metrics on rank 0: a local ``metrics.jsonl``, readable console lines, and W&B.
+
+W&B is initialised by rank 0 itself (Ray Train V2 takes no Tune logger callbacks and ``setup_wandb`` does
+not filter ranks): a stable run id derived from the run name, ``resume="allow"``, an explicit ``dir`` in
+the run directory, and offline mode unless WANDB_MODE or WANDB_API_KEY says otherwise. ``read_wandb_history``
+reads an offline run file back (a LevelDB-log of protobuf ``Record``s) without a server.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import struct
+import time
+from pathlib import Path
+from typing import Any
+
+from aquila_ray.config.train import WandbConfig
+
+log = logging.getLogger("aquila_ray.train")
+
+METRICS_NAME = "metrics.jsonl"
+
+
+def wandb_run_id(run_name: str) -> str:
+    """A stable W&B id for a run name: reruns with the same name resume the same W&B run."""
+    safe = "".join(c if c.isalnum() or c in "-_" else "-" for c in run_name)[:40]
+    return f"{safe}-{hashlib.sha1(run_name.encode()).hexdigest()[:8]}"
+
+
+def wandb_mode(cfg: WandbConfig) -> str:
+    if not cfg.enabled:
+        return "disabled"
+    if cfg.mode is not None:
+        return cfg.mode
+    if os.environ.get("WANDB_MODE"):
+        return os.environ["WANDB_MODE"]
+    return "online" if os.environ.get("WANDB_API_KEY") else "offline"
+
+
+def format_console(row: dict[str, Any], total_steps: int) -> str:
+    parts = [f"step {row['step']}/{total_steps}", f"loss {row['loss']:.4f}", f"lr {row['lr']:.2e}",
+             f"gnorm {row['grad_norm']:.3f}", f"{row['tokens_per_s']:,.0f} tok/s", f"mfu {100 * row['mfu']:.2f}%",
+             f"tokens {row['consumed_tokens']:,}"]
+    if "aux_loss" in row:
+        parts.append(f"aux {row['aux_loss']:.4f} z {row['z_loss']:.4f} imb {row.get('moe/max_imbalance', 0):.2f}")
+    if "val_loss" in row:
+        parts.append(f"val {row['val_loss']:.4f}")
+    return " | ".join(parts)
+
+
+class MetricsLogger:
+    """Rank 0's sink for step rows. On resume, rows after the resumed step are dropped from metrics.jsonl
+    so the file always reads as one continuous curve."""
+
+    def __init__(self, log_dir: Path, run_name: str, wandb_cfg: WandbConfig, config: dict[str, Any],
+                 resume_step: int, total_steps: int, log_every: int) -> None:
+        self.path = log_dir / METRICS_NAME
+        self.total_steps, self.log_every = total_steps, log_every
+        log_dir.mkdir(parents=True, exist_ok=True)
+        self._truncate_after(resume_step)
+        self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 (closed in close())
+        self.run: Any = None
+        mode = wandb_mode(wandb_cfg)
+        if mode != "disabled":
+            import wandb
+
+            self.run = wandb.init(project=wandb_cfg.project, entity=wandb_cfg.entity, group=wandb_cfg.group,
+                                  name=run_name, id=wandb_run_id(run_name), resume="allow", dir=str(log_dir),
+                                  mode=mode, config=config)  # type: ignore[arg-type]
+            self.run.define_metric("*", step_metric="step")
+
+    def _truncate_after(self, step: int) -> None:
+        if not self.path.is_file():
+            return
+        rows = [line for line in self.path.read_text(encoding="utf-8").splitlines()
+                if line.strip() and json.loads(line).get("step", 0) <= step]
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text("".join(r + "\n" for r in rows), encoding="utf-8")
+        os.replace(tmp, self.path)
+
+    def log(self, row: dict[str, Any]) -> None:
+        row = {"time": time.time(), **row}
+        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
+        self._file.write(json.dumps(clean) + "\n")
+        self._file.flush()
+        if self.run is not None:
+            self.run.log({k: v for k, v in row.items() if isinstance(v, (int, float)) and k != "time"})
+        if row["step"] % self.log_every == 0 or row["step"] == self.total_steps:
+            print(format_console(row, self.total_steps), flush=True)
+
+    def close(self) -> None:
+        self._file.close()
+        if self.run is not None:
+            self.run.finish()
+            self.run = None
+
+
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    """The rows of a metrics.jsonl file."""
+    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def _leveldb_records(data: bytes) -> list[bytes]:
+    block, pos, out, buf = 32768, 7, [], b""  # 7-byte file header ":W&B" + magic + version
+    while pos + 7 <= len(data):
+        left = block - pos % block
+        if left < 7:
+            pos += left
+            continue
+        _crc, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        pos += 7
+        chunk = data[pos:pos + length]
+        pos += length
+        if kind == 1:
+            out.append(chunk)
+        elif kind == 2:
+            buf = chunk
+        elif kind == 3:
+            buf += chunk
+        elif kind == 4:
+            out.append(buf + chunk)
+            buf = b""
+    return out
+
+
+def read_wandb_history(run_file: str | Path) -> list[dict[str, Any]]:
+    """History rows of a W&B run file (``.../offline-run-*/run-<id>.wandb``), read without a server."""
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    rows = []
+    for raw in _leveldb_records(Path(run_file).read_bytes()):
+        rec = pb.Record()
+        rec.ParseFromString(raw)
+        if rec.WhichOneof("record_type") == "history":
+            rows.append({(it.key or "/".join(it.nested_key)): json.loads(it.value_json) for it in rec.history.item})
+    return rows
+
+
+def wandb_run_files(log_dir: str | Path) -> list[Path]:
+    """Every W&B run file under a run's log directory, oldest first (one per (re)start)."""
+    return sorted(Path(log_dir).glob("wandb/*run-*/run-*.wandb"), key=lambda p: p.stat().st_mtime)

@@ -1,0 +1,251 @@
+"""The Ray Train worker loop: one process per worker, DeepSpeed engine, deterministic data, checkpoints.
+
+Everything comes in through ``train_loop_per_worker(config)`` (no globals, STYLE.md rule 9). A step
+consumes the next global batch of the sample stream (``aquila_ray.train.data``); this rank trains on its
+contiguous slice in micro-batches (gradient accumulation = per-rank batch / micro_batch_size, so the global
+batch in tokens stays fixed whatever the worker count). Every ``checkpoint.every`` steps all ranks assemble
+the layout-independent state and rank 0 registers it with ``ray.train.report``; a restarted worker group
+(failure, rerun of the job with the same name, or a different worker count) resumes from
+``ray.train.get_checkpoint()`` only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from aquila_ray.config.base import from_dict, to_dict
+from aquila_ray.config.train import TrainConfig
+from aquila_ray.train.checkpointing import read_training_checkpoint, write_training_checkpoint
+from aquila_ray.train.data import TokenDataset, rank_batch
+from aquila_ray.train.engine import (
+    ParallelDims,
+    build_engine,
+    build_worker_model,
+    create_expert_parallel_groups,
+    full_model_state_dict,
+    gather_optimizer_state,
+    load_optimizer_state,
+    set_lr,
+)
+from aquila_ray.train.metrics import MetricsLogger
+from aquila_ray.train.schedule import lr_at
+from aquila_ray.train.shards import read_manifest
+
+CPU_PEAK_FLOPS = 1e12
+GPU_PEAK_FLOPS = 989e12  # H100 SXM bf16 dense
+
+
+def _maybe_inject_fault(cfg: TrainConfig, rank: int, step: int, log_dir: Path) -> None:
+    """Testing hook (TrainConfig.fault_injection): SIGKILL this process once at RANK@STEP."""
+    if cfg.fault_injection is None:
+        return
+    r, s = (int(x) for x in cfg.fault_injection.split("@"))
+    marker = log_dir / f"fault_injection-rank{r}-step{s}.json"
+    if rank == r and step == s and not marker.exists():
+        marker.write_text(json.dumps({"time": time.time(), "rank": r, "step": s, "pid": os.getpid()}))
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _all_reduce_sum(t: torch.Tensor, world_size: int) -> torch.Tensor:
+    if world_size > 1:
+        dist.all_reduce(t)
+    return t
+
+
+@torch.no_grad()
+def validation_loss(model: torch.nn.Module, data: TokenDataset, cfg: TrainConfig, dims: ParallelDims,
+                    device: torch.device) -> float:
+    """Mean next-token loss over the first ``eval_max_sequences`` validation sequences, split over ranks
+    (every rank runs the same number of forwards: expert parallelism needs all of them in each all-to-all)."""
+    n = min(cfg.eval_max_sequences or len(data), len(data))
+    per_rank = max(1, n // dims.world_size)
+    idx = (np.arange(dims.rank * per_rank, (dims.rank + 1) * per_rank) % len(data)).astype(np.int64)
+    model.eval()
+    total = torch.zeros(2, dtype=torch.float64)
+    for start in range(0, per_rank, cfg.micro_batch_size):
+        rows = torch.from_numpy(data.get(idx[start:start + cfg.micro_batch_size])).to(device)
+        out = model(rows[:, :-1], labels=rows[:, 1:])
+        tokens = rows[:, 1:].numel()
+        total += torch.tensor([float(out.loss) * tokens, tokens], dtype=torch.float64)
+    model.train()
+    _all_reduce_sum(total, dims.world_size)
+    return float(total[0] / total[1])
+
+
+def _sample_hash(idx: np.ndarray, dims: ParallelDims) -> str:
+    """A fingerprint of the global batch actually trained on (every rank's indices, in rank order)."""
+    local = torch.from_numpy(idx.astype(np.int64))
+    if dims.world_size > 1:
+        parts = [torch.empty_like(local) for _ in range(dims.world_size)]
+        dist.all_gather(parts, local)
+        local = torch.cat(parts)
+    return hashlib.sha1(local.numpy().tobytes()).hexdigest()[:16]
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """Ray Train's ``train_loop_per_worker``; ``config`` = {"train": TrainConfig dict, "run_name", "log_dir"}."""
+    import ray.train
+    from ray.train import Checkpoint
+
+    cfg = from_dict(TrainConfig, config["train"])
+    run_name, log_dir = config["run_name"], Path(config["log_dir"])
+    ctx = ray.train.get_context()
+    dims = ParallelDims(world_size=ctx.get_world_size(), rank=ctx.get_world_rank(), ep=cfg.scaling.expert_parallel)
+    device = torch.device("cuda", ctx.get_local_rank()) if cfg.scaling.use_gpu else torch.device("cpu")
+    if device.type == "cpu":
+        torch.set_num_threads(cfg.scaling.cpus_per_worker)
+    if cfg.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.manual_seed(cfg.seed * 1000 + dims.rank)
+
+    manifest = read_manifest(cfg.data_dir)
+    train_data = TokenDataset(cfg.data_dir, "train", manifest)
+    val_data = TokenDataset(cfg.data_dir, "validation", manifest) if cfg.eval_every >= 0 else None
+    seq_len = manifest.seq_len
+    batch = cfg.batch_sequences(seq_len)
+    per_rank = batch // dims.world_size
+    grad_accum = per_rank // cfg.micro_batch_size
+
+    # Resume from what Ray Train registered, never from a directory listing.
+    resumed = None
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is not None:
+        with ckpt.as_directory() as d:
+            resumed = read_training_checkpoint(d)
+    model_cfg = resumed.model_config if resumed is not None else cfg.model
+
+    ep = create_expert_parallel_groups(dims)
+    model = build_worker_model(cfg, model_cfg, dims, ep, resumed.model_state if resumed else None, device)
+    engine = build_engine(model, cfg, cfg.micro_batch_size, grad_accum, dims.world_size)
+    module = engine.module
+
+    state: dict[str, Any] = {"step": 0, "consumed_samples": 0, "consumed_tokens": 0, "cumulative_flops": 0.0}
+    if resumed is not None:
+        load_optimizer_state(engine, module, resumed.optimizer_state, resumed.optimizer_step, dims)
+        state.update({k: resumed.trainer_state[k] for k in state})
+        saved_world = resumed.trainer_state.get("world_size")
+        key = f"torch_cpu.rank{dims.rank}" if saved_world == dims.world_size else "torch_cpu.rank0"
+        if key in resumed.rng:
+            torch.set_rng_state(resumed.rng[key])
+        del resumed
+    start_step = int(state["step"])
+
+    flops_per_token = model_cfg.flops_per_token(seq_len)
+    peak = cfg.peak_flops_per_worker or (GPU_PEAK_FLOPS if device.type == "cuda" else CPU_PEAK_FLOPS)
+    logger = None
+    if dims.rank == 0:
+        logger = MetricsLogger(log_dir, run_name, cfg.wandb, to_dict(cfg), start_step, cfg.steps, cfg.log_every)
+        print(f"[aquila-ray] {run_name}: {'resuming at step ' + str(start_step) if start_step else 'starting'} with "
+              f"{dims.world_size} worker(s), global batch {batch} x {seq_len} tokens, grad accumulation "
+              f"{grad_accum} x {cfg.micro_batch_size}", flush=True)
+
+    try:
+        step = start_step
+        last_row: dict[str, Any] = {}
+        while step < cfg.steps:
+            _maybe_inject_fault(cfg, dims.rank, step + 1, log_dir)
+            t0 = time.perf_counter()
+            lr = lr_at(step, cfg.optimizer.lr, cfg.schedule, cfg.steps)
+            set_lr(engine, lr)
+            idx, rows = rank_batch(train_data, cfg.seed, int(state["consumed_samples"]), batch, dims.rank,
+                                   dims.world_size)
+            x = torch.from_numpy(rows).to(device)
+            sums = torch.zeros(3, dtype=torch.float64)  # loss, aux, z
+            load: torch.Tensor | None = None  # (L, E) tokens per expert
+            for m in range(grad_accum):
+                mb = x[m * cfg.micro_batch_size:(m + 1) * cfg.micro_batch_size]
+                out = engine(mb[:, :-1], labels=mb[:, 1:])
+                engine.backward(out.total_loss)
+                engine.step()
+                sums[0] += float(out.loss)
+                if out.aux_loss is not None:
+                    sums[1] += float(out.aux_loss)
+                    sums[2] += float(out.z_loss)
+                    counts = torch.stack([s.tokens_per_expert.detach().float().cpu() for s in out.router_stats])
+                    load = counts if load is None else load + counts
+            grad_norm = engine.get_global_grad_norm()
+            packed = torch.cat([sums / grad_accum, (load.double().flatten() if load is not None
+                                                    else torch.zeros(0, dtype=torch.float64))])
+            _all_reduce_sum(packed, dims.world_size)
+            sample_hash = _sample_hash(idx, dims)
+            step += 1
+            state["step"] = step
+            state["consumed_samples"] += batch
+            state["consumed_tokens"] += batch * seq_len
+            state["cumulative_flops"] += flops_per_token * batch * seq_len
+            dt = time.perf_counter() - t0
+            tokens_per_s = batch * seq_len / dt
+            row: dict[str, Any] = {
+                "step": step, "loss": float(packed[0]) / dims.world_size, "lr": lr,
+                "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+                "tokens_per_s": tokens_per_s, "mfu": flops_per_token * tokens_per_s / (peak * dims.world_size),
+                "step_time_s": dt, "consumed_tokens": int(state["consumed_tokens"]),
+                "consumed_samples": int(state["consumed_samples"]),
+                "cumulative_flops": float(state["cumulative_flops"]), "epoch": int(state["consumed_samples"]
+                                                                                  // len(train_data)),
+                "world_size": dims.world_size, "grad_accum": grad_accum, "sample_hash": sample_hash,
+            }
+            if load is not None:
+                row["aux_loss"] = float(packed[1]) / dims.world_size
+                row["z_loss"] = float(packed[2]) / dims.world_size
+                tpe = packed[3:].reshape(load.shape)
+                imbalance = []
+                for layer, counts in enumerate(tpe.tolist()):
+                    mean = sum(counts) / len(counts)
+                    imbalance.append(max(counts) / mean if mean > 0 else 0.0)
+                    row[f"moe/layer{layer}/imbalance"] = imbalance[-1]
+                    for e, c in enumerate(counts):
+                        row[f"moe/layer{layer}/expert{e}_tokens"] = int(c)
+                row["moe/max_imbalance"] = max(imbalance)
+            is_last = step == cfg.steps
+            if val_data is not None and ((cfg.eval_every > 0 and step % cfg.eval_every == 0) or is_last):
+                row["val_loss"] = validation_loss(module, val_data, cfg, dims, device)
+            if logger is not None:
+                logger.log(row)
+            last_row = row
+            if step % cfg.checkpoint.every == 0 or is_last:
+                _save_and_report(engine, module, cfg, dims, ep, state, row, batch, Checkpoint, ray.train.report)
+        if logger is not None and last_row:
+            print(f"[aquila-ray] {run_name}: done at step {step}", flush=True)
+    finally:
+        if logger is not None:
+            logger.close()
+
+
+def _save_and_report(engine: Any, module: torch.nn.Module, cfg: TrainConfig, dims: ParallelDims, ep: Any,
+                     state: dict[str, Any], row: dict[str, Any], batch: int, checkpoint_cls: Any,
+                     report: Any) -> None:
+    """Assemble the layout-independent state (collective), write it on rank 0, register it with Ray Train."""
+    model_state = full_model_state_dict(module, dims, ep)
+    opt_state, opt_step = gather_optimizer_state(engine, module, dims, ep)
+    rng = [torch.get_rng_state()]
+    if dims.world_size > 1:
+        rng = [torch.empty(0, dtype=torch.uint8)] * dims.world_size
+        dist.all_gather_object(rng, torch.get_rng_state())
+    metrics = {k: v for k, v in row.items() if isinstance(v, (int, float, str))}
+    if dims.rank != 0:
+        report(metrics, checkpoint=None)
+        return
+    trainer_state = {**state, "epoch": row["epoch"], "world_size": dims.world_size, "global_batch_sequences": batch,
+                     "seed": cfg.seed, "data_position": int(state["consumed_samples"]), "optimizer_step": opt_step,
+                     "saved_at": time.time(), "metrics": metrics}
+    tmp = Path(tempfile.mkdtemp(prefix="aquila-ray-ckpt-"))
+    try:
+        path = write_training_checkpoint(
+            tmp / "checkpoint", model_state, module.config, opt_state, opt_step, trainer_state,  # type: ignore[arg-type]
+            {f"torch_cpu.rank{r}": t for r, t in enumerate(rng)}, to_dict(cfg), cfg.checkpoint.max_shard_bytes)
+        report(metrics, checkpoint=checkpoint_cls.from_directory(str(path)))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
