@@ -1,0 +1,71 @@
+"""Scale-Up (model growth) settings: which method grows the model and how (aquila_ray.growth).
+
+Methods: FPI (function-preserving initialization; Net2Net, arXiv 1511.05641, and bert2BERT, ACL 2022),
+AKI (bert2BERT's advanced knowledge initialization) and AKI-Pro (AquilaMoE, arXiv 2408.06567: AKI + depth
+by interpolation as in Apollo, arXiv 2401.09192, + GQA compatibility). The math is in DESIGN.md "Scale-Up".
+Field names match ``aquila_ray.config.recipe.GrowthOptions`` so a recipe's options convert one to one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, get_args
+
+from aquila_ray.errors import ConfigError
+
+GrowthMethod = Literal["fpi", "aki", "aki-pro"]
+DepthMode = Literal["interpolate", "stack", "identity"]
+NormMode = Literal["exact", "paper"]
+MapKind = Literal["circular", "random"]
+
+#: The depth mode each method uses when ``depth_mode`` is None (AquilaMoE: AKI stacks, AKI-Pro interpolates).
+DEFAULT_DEPTH: dict[str, DepthMode] = {"fpi": "interpolate", "aki": "stack", "aki-pro": "interpolate"}
+
+
+@dataclass
+class GrowthConfig:
+    """How a small dense checkpoint grows into a larger one (the target shape is a ModelConfig)."""
+
+    method: GrowthMethod = "aki-pro"
+    """fpi: function preserving (new units copy source units, fan-in split among copies); aki: bert2BERT's
+    advanced knowledge init (new out-units from the layer above, the top layer falls back to FPI);
+    aki-pro: AKI with depth by interpolation and the number of KV groups kept (AquilaMoE)."""
+    depth_mode: DepthMode | None = None
+    """interpolate: target layer l copies source layer (l * L_S) // L_T (Apollo); stack: l mod L_S
+    (bert2BERT); identity: interpolation positions, but every inserted copy gets zero o_proj and down_proj,
+    so depth growth is exact. None: the method's own (fpi and aki-pro interpolate, aki stacks)."""
+    norm_mode: NormMode = "exact"
+    """exact: sqrt-split rescaling of residual writers and readers, gamma' = gamma * sqrt(D_S/D_T) and
+    eps' = eps * D_S/D_T (exact at any width ratio); paper: plain 1/c fan-in splitting and copied gamma
+    (exact only when every hidden unit has the same number of copies)."""
+    map: MapKind = "circular"
+    """How a new unit picks its source unit: circular (j mod n_S, equal copy counts at integer ratios) or
+    random (uniform, seeded; bert2BERT's choice)."""
+    seed: int = 0
+    """Seeds the random maps and the probe batch."""
+    probe: bool = True
+    """Measure function preservation (max |logit diff|, loss before/after) on a probe batch after growing."""
+    probe_batch: int = 2
+    """Sequences in the probe batch."""
+    probe_seq_len: int = 32
+    """Tokens per probe sequence (capped at the model's max_seq_len)."""
+
+    def __post_init__(self) -> None:
+        for name, tp in (("method", GrowthMethod), ("norm_mode", NormMode), ("map", MapKind)):
+            value = getattr(self, name)
+            if value not in get_args(tp):
+                raise ConfigError(f"GrowthConfig.{name}={value!r} is not valid; choose one of {list(get_args(tp))}")
+        if self.depth_mode is not None and self.depth_mode not in get_args(DepthMode):
+            raise ConfigError(f"GrowthConfig.depth_mode={self.depth_mode!r} is not valid; choose one of "
+                              f"{list(get_args(DepthMode))} or null (the method's default)")
+        for name in ("probe_batch", "probe_seq_len"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ConfigError(f"GrowthConfig.{name}={value!r} must be a positive integer")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
+            raise ConfigError(f"GrowthConfig.seed={self.seed!r} must be a non-negative integer")
+
+    @property
+    def resolved_depth_mode(self) -> DepthMode:
+        """The depth mode that runs: ``depth_mode``, or the method's default."""
+        return self.depth_mode if self.depth_mode is not None else DEFAULT_DEPTH[self.method]

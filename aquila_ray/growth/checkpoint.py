@@ -1,0 +1,154 @@
+"""Growing a checkpoint directory, tensor by tensor, with bounded memory, and writing ``growth_report.json``.
+
+The Scale-Up step between EfficientScale's stage 1 and stage 2 (AquilaMoE, arXiv 2408.06567). Source
+tensors are read from the (sharded) safetensors on demand and kept only while a target layer needs them
+(AKI reads layer l and l + 1); target tensors stream into size-bounded shards. Peak memory is about two
+source blocks, one target block and one output shard. The probe forward of the grown model runs on the
+tensors as they are produced, so the output is never read back.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from aquila_ray.checkpoint import CheckpointReader, CheckpointWriter, atomic_directory
+from aquila_ray.checkpoint.io import DEFAULT_SHARD_BYTES
+from aquila_ray.config import ModelConfig, to_dict
+from aquila_ray.config.growth import GrowthConfig
+from aquila_ray.errors import CheckpointError
+from aquila_ray.growth.plan import GrowthPlan, make_plan
+from aquila_ray.growth.probe import ProbeForward, compare, layer_groups, probe, probe_tokens
+from aquila_ray.growth.transform import source_keys_for, target_keys, target_tensor
+
+REPORT_NAME = "growth_report.json"
+
+NORM_DESCRIPTION = {
+    "exact": "sqrt-split: residual writers and readers scaled by 1/sqrt(c), gamma*sqrt(D_S/D_T), eps*D_S/D_T "
+             "(exact at any width ratio)",
+    "paper": "plain 1/c fan-in splitting, copied gamma (exact only with equal copy counts)",
+}
+METHOD_DESCRIPTION = {
+    "fpi": "FPI: function-preserving initialization (Net2Net; bert2BERT, ACL 2022)",
+    "aki": "AKI: advanced knowledge initialization, new units from the layer above (bert2BERT, ACL 2022)",
+    "aki-pro": "AKI-Pro: AKI + depth interpolation + GQA compatibility (AquilaMoE, arXiv 2408.06567)",
+}
+
+
+class _SourceCache:
+    """Source tensors by name; ``keep_only`` drops everything a coming target layer does not need."""
+
+    def __init__(self, reader: CheckpointReader) -> None:
+        self.reader = reader
+        self.cache: dict[str, torch.Tensor] = {}
+        self.bytes_read = 0
+
+    def get(self, name: str) -> torch.Tensor:
+        if name not in self.cache:
+            t = self.reader.get(name)
+            self.bytes_read += t.numel() * t.element_size()
+            self.cache[name] = t
+        return self.cache[name]
+
+    def keep_only(self, names: set[str]) -> None:
+        for k in [k for k in self.cache if k not in names]:
+            del self.cache[k]
+
+
+def _peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def grow_checkpoint(src_dir: str | Path, dst_dir: str | Path, target: ModelConfig, options: GrowthConfig,
+                    max_shard_bytes: int = DEFAULT_SHARD_BYTES, verify: bool = True) -> dict[str, Any]:
+    """Grow the checkpoint at ``src_dir`` into ``target``'s shape at ``dst_dir`` (atomic; the report lands
+    inside it as ``growth_report.json``); returns the report."""
+    t0 = time.perf_counter()
+    reader = CheckpointReader(src_dir, verify=verify)
+    src = reader.config
+    reader.check_matches_config()
+    plan = make_plan(src, target, options)
+    if Path(dst_dir).resolve() == Path(src_dir).resolve():
+        raise CheckpointError(f"--dst {dst_dir} is the source checkpoint; write the grown model elsewhere")
+    tokens = probe_tokens(src, options.probe_batch, options.probe_seq_len, options.seed)
+    cache = _SourceCache(reader)
+    fwd = ProbeForward(plan.dst, tokens) if options.probe else None
+    keys = target_keys(plan.dst)
+    dtypes: set[str] = set()
+    t_write = time.perf_counter()
+    with atomic_directory(dst_dir) as tmp:
+        writer = CheckpointWriter(tmp, plan.dst, max_shard_bytes)
+        produced: dict[str, torch.Tensor] = {}
+        for layer, group in layer_groups(keys):
+            cache.keep_only({s for k in group for s in source_keys_for(plan, k)})
+            for k in group:
+                t = target_tensor(plan, k, cache.get)
+                dtypes.add(str(t.dtype).removeprefix("torch."))
+                writer.add(k, t)
+                produced[k] = t
+            if fwd is not None:
+                fwd.feed(layer, produced)
+            produced.clear()
+        cache.keep_only(set())
+        writer.close()
+        write_s = time.perf_counter() - t_write
+        report = _report(plan, src_dir, dst_dir, reader, writer.total_size, cache.bytes_read, sorted(dtypes))
+        if options.probe:
+            assert fwd is not None
+            t_probe = time.perf_counter()
+            before = probe(src, reader.get, tokens)
+            after = fwd.finish()
+            report["probe"] = {"tokens": list(tokens[:, :-1].shape), "seed": options.seed, "dtype": "float64",
+                               **compare(before, after), "seconds": round(time.perf_counter() - t_probe, 3)}
+        report["seconds"] = {"grow_and_write": round(write_s, 3), "total": round(time.perf_counter() - t0, 3)}
+        report["peak_rss_bytes"] = _peak_rss_bytes()
+        (tmp / REPORT_NAME).write_text(json.dumps(report, indent=2))
+    return report
+
+
+def _report(plan: GrowthPlan, src_dir: str | Path, dst_dir: str | Path, reader: CheckpointReader,
+            bytes_written: int, bytes_read: int, dtypes: list[str]) -> dict[str, Any]:
+    o = plan.options
+    return {
+        "source": str(src_dir),
+        "destination": str(dst_dir),
+        "method": o.method,
+        "method_description": METHOD_DESCRIPTION[o.method],
+        "options": to_dict(o),
+        "depth_mode": plan.depth_mode,
+        "norm_mode": o.norm_mode,
+        "norm_description": NORM_DESCRIPTION[o.norm_mode],
+        "map": o.map,
+        "seed": o.seed,
+        "function_preserving_by_construction": function_preserving(plan),
+        "plan": plan.summary(),
+        "shapes": {"before": {k: list(v) for k, v in reader.shapes().items()},
+                   "after": {k: list(v) for k, v in _target_shapes(plan).items()}},
+        "parameters": {"before": plan.src.num_params(), "after": plan.dst.num_params()},
+        "dtypes": dtypes,
+        "bytes": {"source_read": bytes_read, "written": bytes_written},
+        "source_config": to_dict(plan.src),
+        "target_config": to_dict(plan.dst),
+    }
+
+
+def _target_shapes(plan: GrowthPlan) -> dict[str, tuple[int, ...]]:
+    from aquila_ray.growth.transform import target_shapes
+
+    return target_shapes(plan.dst)
+
+
+def function_preserving(plan: GrowthPlan) -> bool:
+    """Whether the plan computes the source function exactly (up to rounding)."""
+    if plan.options.method != "fpi":
+        return False
+    if plan.src.num_layers != plan.dst.num_layers and plan.depth_mode != "identity":
+        return False
+    if plan.options.norm_mode == "paper":
+        return len(set(plan.hidden.counts())) == 1 and not plan.src.tie_embeddings or plan.hidden.is_identity
+    return True
