@@ -217,8 +217,13 @@ def register_with_deepspeed(model: nn.Module, groups: ExpertParallelGroups) -> n
     marker.expert_group_name = name
     marker.num_local_experts = len(layers[0].local_expert_ids)
     marker.forward = _marker_forward  # type: ignore[method-assign]
+    marker.set_deepspeed_parallelism = _groups_already_registered  # type: ignore[method-assign]
     model.add_module("deepspeed_moe_marker", marker)
     return model
+
+
+def _groups_already_registered(*args: Any, **kwargs: Any) -> None:
+    """DeepSpeed would create its own groups here; ours are registered under the same name already."""
 
 
 def _marker_forward(*args: Any, **kwargs: Any) -> None:
