@@ -239,7 +239,8 @@ class TrainConfig:
         if self.fault_injection is not None:
             parts = self.fault_injection.split("@")
             if len(parts) != 2 or not all(p.isdigit() for p in parts):
-                raise ConfigError(f"TrainConfig.fault_injection={self.fault_injection!r} must look like RANK@STEP (e.g. 1@5)")
+                raise ConfigError(f"TrainConfig.fault_injection={self.fault_injection!r} must look like "
+                                  f"RANK@STEP (e.g. 1@5)")
 
     def batch_sequences(self, seq_len: int) -> int:
         """Global batch in sequences; raises a ConfigError unless it divides into every worker count."""

@@ -38,89 +38,51 @@ class ParallelDims:
     rank: int
     ep: int = 1
 
-    @property
-    def ep_rank(self) -> int:
-        return self.rank % self.ep
 
-    @property
-    def ep_group_index(self) -> int:
-        return self.rank // self.ep
+def create_parallel_groups(dims: ParallelDims, model_cfg: ModelConfig) -> Any:
+    """Step 1: the expert-parallel groups (``aquila_ray.moe.parallel.ExpertParallelGroups``) for MoE models;
+    None for dense ones. Collective: every rank creates every group in the same order."""
+    if model_cfg.moe is None:
+        return None
+    from aquila_ray.train.moe_support import create_groups
 
-
-@dataclass
-class ExpertParallel:
-    """The process groups of expert parallelism (None when ep == 1)."""
-
-    ep_group: Any = None
-    """Ranks that share one copy of all experts, each holding num_experts / ep of them."""
-    expert_dp_group: Any = None
-    """Ranks that hold the same experts (data parallel for expert parameters)."""
+    return create_groups(dims.ep)
 
 
-def create_expert_parallel_groups(dims: ParallelDims) -> ExpertParallel:
-    """EP groups are consecutive ranks [g*ep, (g+1)*ep); expert-DP groups are ranks with equal ep_rank."""
-    if dims.ep == 1:
-        return ExpertParallel()
-    ep_group = expert_dp_group = None
-    for g in range(dims.world_size // dims.ep):
-        ranks = list(range(g * dims.ep, (g + 1) * dims.ep))
-        group = dist.new_group(ranks)
-        if dims.rank in ranks:
-            ep_group = group
-    for e in range(dims.ep):
-        ranks = list(range(e, dims.world_size, dims.ep))
-        group = dist.new_group(ranks)
-        if dims.rank in ranks:
-            expert_dp_group = group
-    return ExpertParallel(ep_group, expert_dp_group)
-
-
-def build_worker_model(cfg: TrainConfig, model_cfg: ModelConfig, dims: ParallelDims, ep: ExpertParallel,
+def build_worker_model(cfg: TrainConfig, model_cfg: ModelConfig, ep_groups: Any,
                        state_dict: dict[str, torch.Tensor] | None, device: torch.device) -> Aquila3:
-    """The model with its starting weights. ``state_dict`` (full, layout-independent) wins when given;
-    otherwise ``cfg.init`` decides (scratch, an init checkpoint, or online upcycling)."""
+    """Step 2: the model with its starting weights. ``state_dict`` (full, layout-independent: the resumed
+    checkpoint) wins; otherwise ``cfg.init`` decides (scratch, an init checkpoint, online upcycling)."""
     if state_dict is None and cfg.init == "checkpoint":
         from aquila_ray.checkpoint import load_state_dict
 
         state_dict, _ = load_state_dict(cfg.init_from)  # type: ignore[arg-type]
-    if state_dict is None and cfg.init == "upcycle":
-        from aquila_ray.train.moe_support import upcycled_state_dict
-
-        state_dict = upcycled_state_dict(cfg, model_cfg, dims)
-    model = build_model(model_cfg, seed=cfg.seed if state_dict is None else None, device="cpu")
     if model_cfg.moe is not None:
-        from aquila_ray.train.moe_support import shard_experts
+        from aquila_ray.train.moe_support import build_moe_model
 
-        shard_experts(model, model_cfg, dims, ep)
+        return build_moe_model(cfg, model_cfg, ep_groups, state_dict).to(device)
+    model = build_model(model_cfg, seed=cfg.seed if state_dict is None else None)
     if state_dict is not None:
-        load_full_state_dict(model, state_dict, dims)
+        missing, unexpected = model.load_state_dict(state_dict, strict=False)
+        missing = [k for k in missing if not (model_cfg.tie_embeddings and k == "lm_head.weight")]
+        if missing or unexpected:
+            raise RuntimeError(f"state dict does not match the model: missing {missing[:5]}, "
+                               f"unexpected {unexpected[:5]}")
     return model.to(device)
 
 
-def load_full_state_dict(model: Aquila3, state_dict: dict[str, torch.Tensor], dims: ParallelDims) -> None:
-    """Copy a full (unsharded) state dict into the model; expert tensors are sliced to this rank's experts."""
-    if model.config.moe is not None and dims.ep > 1:
-        from aquila_ray.train.moe_support import local_expert_state
-
-        state_dict = local_expert_state(model, state_dict, dims)
-    missing, unexpected = model.load_state_dict(state_dict, strict=False)
-    missing = [k for k in missing if not (model.config.tie_embeddings and k == "lm_head.weight")]
-    if missing or unexpected:
-        raise RuntimeError(f"state dict does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
-
-
-def full_model_state_dict(model: nn.Module, dims: ParallelDims, ep: ExpertParallel) -> dict[str, torch.Tensor]:
+def full_model_state_dict(model: nn.Module, ep_groups: Any) -> dict[str, torch.Tensor]:
     """Every weight, unsharded, keyed by parameter name (experts gathered over the EP group). Collective."""
     sd = {k: v.detach().to("cpu", torch.float32 if v.is_floating_point() else v.dtype).contiguous()
           for k, v in model.state_dict().items()}
-    if getattr(model, "config", None) is not None and model.config.moe is not None and dims.ep > 1:  # type: ignore[union-attr]
-        from aquila_ray.train.moe_support import gather_expert_tensors
+    if ep_groups is not None:
+        from aquila_ray.train.moe_support import gather_experts
 
-        sd = gather_expert_tensors(model, sd, dims, ep)
+        sd = gather_experts(model, sd, ep_groups)
     return sd
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+def param_groups(model: nn.Module, weight_decay: float, ep_groups: Any = None) -> list[dict[str, Any]]:
     """AdamW groups: decay on matrices and embeddings, none on norms and biases; MoE expert parameters in
     separate groups (DeepSpeed reduces them over the expert-data-parallel group)."""
     decay, no_decay = [], []
@@ -132,11 +94,12 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
         {"params": decay, "weight_decay": weight_decay, "name": "decay"},
         {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"},
     ]
-    if getattr(model, "config", None) is not None and model.config.moe is not None:  # type: ignore[union-attr]
-        from aquila_ray.train.moe_support import split_moe_param_groups
+    groups = [g for g in groups if g["params"]]
+    if ep_groups is not None:
+        from aquila_ray.train.moe_support import moe_param_groups
 
-        groups = split_moe_param_groups(groups)
-    return [g for g in groups if g["params"]]
+        groups = moe_param_groups(model, groups, ep_groups)
+    return groups
 
 
 def deepspeed_config(cfg: TrainConfig, micro_batch: int, grad_accum: int, world_size: int) -> dict[str, Any]:
@@ -156,14 +119,14 @@ def deepspeed_config(cfg: TrainConfig, micro_batch: int, grad_accum: int, world_
 
 
 def build_engine(model: nn.Module, cfg: TrainConfig, micro_batch: int, grad_accum: int,
-                 world_size: int) -> Any:
-    """DeepSpeed engine around ``model`` with torch's AdamW (no fused_adam build on CPU)."""
+                 world_size: int, ep_groups: Any = None) -> Any:
+    """Steps 3 and 4: parameter groups and the DeepSpeed engine, with torch's AdamW (no fused_adam build)."""
     import deepspeed
 
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     deepspeed.utils.logger.setLevel(logging.WARNING)
     o = cfg.optimizer
-    optimizer = torch.optim.AdamW(param_groups(model, o.weight_decay), lr=o.lr, betas=(o.beta1, o.beta2),
+    optimizer = torch.optim.AdamW(param_groups(model, o.weight_decay, ep_groups), lr=o.lr, betas=(o.beta1, o.beta2),
                                   eps=o.eps, foreach=False)
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer,
                                       config=deepspeed_config(cfg, micro_batch, grad_accum, world_size))
@@ -200,7 +163,7 @@ def _is_partitioned(model: nn.Module) -> bool:
 
 
 def gather_optimizer_state(engine: Any, model: nn.Module, dims: ParallelDims,
-                           ep: ExpertParallel) -> tuple[dict[str, torch.Tensor], int]:
+                           ep_groups: Any = None) -> tuple[dict[str, torch.Tensor], int]:
     """Full fp32 Adam moments per parameter name (``NAME.exp_avg``, ``NAME.exp_avg_sq``) and the optimizer
     step. Collective: every rank calls it; the assembled tensors are valid on every rank."""
     opt = _torch_optimizer(engine)
@@ -231,21 +194,18 @@ def gather_optimizer_state(engine: Any, model: nn.Module, dims: ParallelDims,
         t = torch.tensor([step], dtype=torch.int64)
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         step = int(t.item())
-    if model.config.moe is not None and dims.ep > 1:  # type: ignore[union-attr]
-        from aquila_ray.train.moe_support import gather_expert_tensors
+    if ep_groups is not None:
+        from aquila_ray.train.moe_support import gather_experts
 
-        out = gather_expert_tensors(model, out, dims, ep, suffixes=tuple(f".{k}" for k in ADAM_KEYS))
+        out = gather_experts(model, out, ep_groups, suffixes=tuple(f".{k}" for k in ADAM_KEYS))
     return out, step
 
 
 def load_optimizer_state(engine: Any, model: nn.Module, state: dict[str, torch.Tensor], step: int,
                          dims: ParallelDims) -> None:
     """Put full per-name Adam moments into the (possibly ZeRO-partitioned) optimizer, at optimizer step
-    ``step``. Works whatever the world size that saved them."""
-    if model.config.moe is not None and dims.ep > 1:  # type: ignore[union-attr]
-        from aquila_ray.train.moe_support import local_expert_state
-
-        state = local_expert_state(model, state, dims)
+    ``step``. Works whatever the world size (and expert-parallel layout) that saved them: only the names
+    this rank's model holds are read."""
     opt = _torch_optimizer(engine)
     missing = [f"{n}.{k}" for n, _ in model.named_parameters() for k in ADAM_KEYS if f"{n}.{k}" not in state]
     if missing:

@@ -33,7 +33,7 @@ from aquila_ray.train.engine import (
     ParallelDims,
     build_engine,
     build_worker_model,
-    create_expert_parallel_groups,
+    create_parallel_groups,
     full_model_state_dict,
     gather_optimizer_state,
     load_optimizer_state,
@@ -126,9 +126,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             resumed = read_training_checkpoint(d)
     model_cfg = resumed.model_config if resumed is not None else cfg.model
 
-    ep = create_expert_parallel_groups(dims)
-    model = build_worker_model(cfg, model_cfg, dims, ep, resumed.model_state if resumed else None, device)
-    engine = build_engine(model, cfg, cfg.micro_batch_size, grad_accum, dims.world_size)
+    # The fixed order (torchtitan's parallelize_llama): groups, model, parameter groups, engine.
+    ep = create_parallel_groups(dims, model_cfg)
+    model = build_worker_model(cfg, model_cfg, ep, resumed.model_state if resumed else None, device)
+    engine = build_engine(model, cfg, cfg.micro_batch_size, grad_accum, dims.world_size, ep)
     module = engine.module
 
     state: dict[str, Any] = {"step": 0, "consumed_samples": 0, "consumed_tokens": 0, "cumulative_flops": 0.0}
@@ -228,7 +229,7 @@ def _save_and_report(engine: Any, module: torch.nn.Module, cfg: TrainConfig, dim
                      state: dict[str, Any], row: dict[str, Any], batch: int, checkpoint_cls: Any,
                      report: Any) -> None:
     """Assemble the layout-independent state (collective), write it on rank 0, register it with Ray Train."""
-    model_state = full_model_state_dict(module, dims, ep)
+    model_state = full_model_state_dict(module, ep)
     opt_state, opt_step = gather_optimizer_state(engine, module, dims, ep)
     rng = [torch.get_rng_state()]
     if dims.world_size > 1:

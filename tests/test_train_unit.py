@@ -1,0 +1,180 @@
+"""Trainer pieces without Ray: data order, batch math, schedules, config validation, metrics readers."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from aquila_ray.config.train import ScheduleConfig, TrainConfig, build_train_config
+from aquila_ray.errors import CheckpointError, ConfigError, DataError
+from aquila_ray.train import plan, run_training, validate
+from aquila_ray.train.data import TokenDataset, rank_batch, stream_indices
+from aquila_ray.train.metrics import MetricsLogger, read_metrics, wandb_run_id
+from aquila_ray.train.schedule import lr_at
+from aquila_ray.train.synthetic import write_synthetic_shards
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_synthetic_shards(tmp_path_factory.mktemp("data"), num_train=50, num_validation=8, seq_len=16)
+
+
+def cfg_for(data_dir: Path, *overrides: str) -> TrainConfig:
+    return build_train_config({"model": "tiny", "data_dir": str(data_dir)},
+                              ["global_batch_tokens=128", "micro_batch_size=2", *overrides])
+
+
+# ---- data order -------------------------------------------------------------------------------------------
+
+def test_dataset_addresses_across_shards(data_dir: Path) -> None:
+    ds = TokenDataset(data_dir)
+    assert len(ds) == 50
+    from aquila_ray.train.shards import read_manifest, read_token_shard
+
+    rows = np.concatenate([read_token_shard(p) for p in read_manifest(data_dir).shard_paths("train")])
+    idx = np.array([49, 0, 17, 33, 16])
+    np.testing.assert_array_equal(ds.get(idx), rows[idx])
+
+
+def test_stream_is_a_permutation_per_epoch_and_seeded() -> None:
+    first = stream_indices(50, seed=3, start=0, count=50)
+    assert sorted(first.tolist()) == list(range(50))
+    second = stream_indices(50, seed=3, start=50, count=50)
+    assert sorted(second.tolist()) == list(range(50)) and not np.array_equal(first, second)
+    np.testing.assert_array_equal(stream_indices(50, 3, 45, 10), np.concatenate([first[45:], second[:5]]))
+    assert not np.array_equal(first, stream_indices(50, seed=4, start=0, count=50))
+
+
+@pytest.mark.parametrize("world_sizes", [(1, 2), (2, 4), (1, 8)])
+def test_global_batch_does_not_depend_on_world_size(data_dir: Path, world_sizes: tuple[int, int]) -> None:
+    ds = TokenDataset(data_dir)
+    for consumed in (0, 8, 48):  # 48 straddles the epoch boundary
+        batches = []
+        for w in world_sizes:
+            parts = [rank_batch(ds, 0, consumed, 8, r, w) for r in range(w)]
+            batches.append((np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])))
+        np.testing.assert_array_equal(batches[0][0], batches[1][0])
+        np.testing.assert_array_equal(batches[0][1], batches[1][1])
+
+
+# ---- schedules --------------------------------------------------------------------------------------------
+
+def test_warmup_then_cosine_to_min() -> None:
+    sched = ScheduleConfig(kind="cosine", warmup_steps=4, min_lr_ratio=0.1)
+    lrs = [lr_at(s, 1.0, sched, total_steps=20) for s in range(20)]
+    assert lrs[:4] == [0.25, 0.5, 0.75, 1.0]
+    assert lrs[4] == 1.0 and all(a >= b for a, b in zip(lrs[4:], lrs[5:], strict=False))
+    assert lr_at(20, 1.0, sched, 20) == pytest.approx(0.1)
+    assert lr_at(12, 1.0, sched, 20) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
+
+
+def test_constant_schedule() -> None:
+    sched = ScheduleConfig(kind="constant", warmup_steps=2)
+    assert [lr_at(s, 2.0, sched, 10) for s in range(4)] == [1.0, 2.0, 2.0, 2.0]
+
+
+# ---- config and batch math --------------------------------------------------------------------------------
+
+def test_batch_math_and_plan(data_dir: Path) -> None:
+    cfg = cfg_for(data_dir, "scaling.num_workers=2", "scaling.min_workers=1")
+    assert cfg.batch_sequences(16) == 8
+    p = plan(cfg, validate(cfg))
+    assert p["grad_accum_per_worker_count"] == {1: 4, 2: 2}
+    assert p["tokens"] == cfg.steps * 128
+
+
+def test_batch_not_divisible_by_workers_fails(data_dir: Path) -> None:
+    cfg = cfg_for(data_dir, "scaling.num_workers=3")
+    with pytest.raises(ConfigError, match=r"global_batch_tokens=128 \(8 sequences of 16\) is not divisible by "
+                                          r"num_workers=3 x micro_batch_size=2"):
+        validate(cfg)
+    with pytest.raises(ConfigError, match="not a multiple of the data's seq_len=16"):
+        validate(cfg_for(data_dir, "global_batch_tokens=100"))
+
+
+def test_elastic_range_checks_every_worker_count(data_dir: Path) -> None:
+    cfg = cfg_for(data_dir, "scaling.num_workers=4", "scaling.min_workers=2")
+    with pytest.raises(ConfigError, match=r"num_workers=3 x micro_batch_size=2.*\[2, 3, 4\]"):
+        validate(cfg)
+
+
+def test_expert_parallel_must_divide_experts_and_workers() -> None:
+    with pytest.raises(ConfigError, match=r"expert_parallel=3 does not divide model.moe.num_experts=8; valid: a "
+                                          r"divisor of 8"):
+        build_train_config({"model": "tiny-moe"}, ["scaling.expert_parallel=3", "scaling.num_workers=3"])
+    with pytest.raises(ConfigError, match=r"expert_parallel=4 does not divide the worker count\(s\) \[2\]"):
+        build_train_config({"model": "tiny-moe"}, ["scaling.expert_parallel=4", "scaling.num_workers=2"])
+    with pytest.raises(ConfigError, match="expert_parallel=2 needs an MoE model"):
+        build_train_config({"model": "tiny"}, ["scaling.expert_parallel=2", "scaling.num_workers=2"])
+
+
+def test_missing_shards_fail_with_data_error(tmp_path: Path) -> None:
+    d = write_synthetic_shards(tmp_path / "d", num_train=10, num_validation=4, seq_len=16)
+    next((d / "tokens" / "train").glob("*.arrow")).unlink()
+    with pytest.raises(DataError, match="lists 1 shard\\(s\\) that do not exist"):
+        validate(cfg_for(d))
+    with pytest.raises(DataError, match="no manifest.json in .*prepare data first"):
+        validate(cfg_for(tmp_path / "nowhere"))
+
+
+def test_invalid_settings_fail_before_ray_starts(tmp_path: Path) -> None:
+    import ray
+
+    with pytest.raises(DataError, match="no manifest.json"):
+        run_training(cfg_for(tmp_path / "nowhere"), tmp_path / "runs", "x")
+    assert not ray.is_initialized()
+
+
+def test_model_data_mismatches(data_dir: Path, tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="vocab_size=512 exceeds model.vocab_size=100"):
+        validate(cfg_for(data_dir, "model.vocab_size=100"))
+    with pytest.raises(ConfigError, match="seq_len=16 exceeds model.max_seq_len=8"):
+        validate(cfg_for(data_dir, "model.max_seq_len=8"))
+    with pytest.raises(CheckpointError, match="does not exist"):
+        validate(cfg_for(data_dir, "init=checkpoint", f"init_from={tmp_path / 'none'}"))
+    with pytest.raises(ConfigError, match="init='upcycle' needs an MoE model"):
+        cfg_for(data_dir, "init=upcycle", "init_from=/x")
+
+
+def test_config_fields_are_checked() -> None:
+    with pytest.raises(ConfigError, match=r"OptimizerConfig.lr=0.0 must be > 0"):
+        build_train_config({}, ["optimizer.lr=0"])
+    with pytest.raises(ConfigError, match=r"scaling.zero_stage=3 is not valid; choose one of \[0, 1, 2\]"):
+        build_train_config({}, ["scaling.zero_stage=3"])
+    with pytest.raises(ConfigError, match="min_workers=3 exceeds num_workers=2"):
+        build_train_config({}, ["scaling.num_workers=2", "scaling.min_workers=3"])
+    with pytest.raises(ConfigError, match="unknown field"):
+        build_train_config({"stepz": 3})
+
+
+def test_yaml_overlay_with_preset_and_overrides(tmp_path: Path) -> None:
+    path = tmp_path / "t.yaml"
+    path.write_text("model: {preset: tiny-moe, hidden_size: 96}\nsteps: 7\noptimizer: {lr: 0.01}\n")
+    cfg = build_train_config(path, ["model.num_layers=3", "schedule.kind=constant"])
+    assert (cfg.model.hidden_size, cfg.model.num_layers, cfg.model.moe is not None) == (96, 3, True)
+    assert (cfg.steps, cfg.optimizer.lr, cfg.schedule.kind) == (7, 0.01, "constant")
+
+
+# ---- metrics ----------------------------------------------------------------------------------------------
+
+def test_metrics_file_is_truncated_on_resume(tmp_path: Path) -> None:
+    from aquila_ray.config.train import WandbConfig
+
+    off = WandbConfig(enabled=False)
+    logger = MetricsLogger(tmp_path, "r", off, {}, 0, 10, 100)
+    for s in range(1, 6):
+        logger.log({"step": s, "loss": 1.0, "lr": 0.1, "grad_norm": 1.0, "tokens_per_s": 1.0, "mfu": 0.0,
+                    "consumed_tokens": s})
+    logger.close()
+    MetricsLogger(tmp_path, "r", off, {}, 3, 10, 100).close()
+    assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl")] == [1, 2, 3]
+
+
+def test_wandb_id_is_stable() -> None:
+    assert wandb_run_id("stage-1/a b") == wandb_run_id("stage-1/a b")
+    assert wandb_run_id("a") != wandb_run_id("b")
+    json.dumps(wandb_run_id("x"))
