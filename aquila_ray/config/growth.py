@@ -8,8 +8,8 @@ Field names match ``aquila_ray.config.recipe.GrowthOptions`` so a recipe's optio
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Literal, get_args
+from dataclasses import dataclass, field
+from typing import Any, Literal, get_args
 
 from aquila_ray.errors import ConfigError
 
@@ -69,3 +69,35 @@ class GrowthConfig:
     def resolved_depth_mode(self) -> DepthMode:
         """The depth mode that runs: ``depth_mode``, or the method's default."""
         return self.depth_mode if self.depth_mode is not None else DEFAULT_DEPTH[self.method]
+
+
+@dataclass
+class ScaleUpConfig:
+    """The ``jobs.scale_up`` run: growth options, the target shape, and where the Ray task runs."""
+
+    growth: GrowthConfig = field(default_factory=GrowthConfig)
+    """Method and options."""
+    target_preset: str | None = None
+    """Target shape from the preset registry; None starts from the source's own config. The vocabulary size
+    is always the source's (it comes from the tokenizer, not the preset)."""
+    target: dict[str, Any] = field(default_factory=dict)
+    """ModelConfig fields set on top of the preset (e.g. hidden_size, num_layers); unnamed dims stay."""
+    max_shard_bytes: int = 2 * 1024**3
+    """Largest output safetensors shard."""
+    num_cpus: float = 1.0
+    """CPUs the Ray task asks for."""
+    memory_bytes: int | None = None
+    """Memory the Ray task asks for (so a cluster places it on a node that has it); None: estimated from
+    the plan (two source blocks, one target block, the embedding tables, one shard)."""
+    local: bool = False
+    """Run in this process instead of as a Ray task."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.growth, dict):
+            self.growth = GrowthConfig(**self.growth)
+        if not isinstance(self.max_shard_bytes, int) or self.max_shard_bytes <= 0:
+            raise ConfigError(f"ScaleUpConfig.max_shard_bytes={self.max_shard_bytes!r} must be a positive integer")
+        if self.num_cpus <= 0:
+            raise ConfigError(f"ScaleUpConfig.num_cpus={self.num_cpus} must be > 0")
+        if self.memory_bytes is not None and self.memory_bytes <= 0:
+            raise ConfigError(f"ScaleUpConfig.memory_bytes={self.memory_bytes} must be > 0, or null to estimate it")

@@ -152,3 +152,16 @@ def function_preserving(plan: GrowthPlan) -> bool:
     if plan.options.norm_mode == "paper":
         return len(set(plan.hidden.counts())) == 1 and not plan.src.tie_embeddings or plan.hidden.is_identity
     return True
+
+
+def memory_estimate_bytes(plan: GrowthPlan, bytes_per_param: int = 4, max_shard_bytes: int = DEFAULT_SHARD_BYTES
+                          ) -> int:
+    """What ``grow_checkpoint`` holds at its peak: two source blocks (AKI), a target block with its float32
+    intermediates, the embedding tables, one pending shard, the probe's float64 block, and 512 MiB slack."""
+    s, d = plan.src, plan.dst
+    src_block = (s.attention_params() + s.mlp_params() + 2 * s.hidden_size) * bytes_per_param
+    dst_block = (d.attention_params() + d.mlp_params() + 2 * d.hidden_size) * max(bytes_per_param, 4)
+    tables = (s.vocab_size * s.hidden_size * bytes_per_param + d.vocab_size * d.hidden_size * 4) * 2
+    probe = dst_block * 2 if plan.options.probe else 0
+    shard = min(max_shard_bytes, d.num_params() * max(bytes_per_param, 4))
+    return int(2 * src_block + 2 * dst_block + tables + shard + probe + 512 * 1024**2)

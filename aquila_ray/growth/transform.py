@@ -211,7 +211,7 @@ def target_tensor(plan: GrowthPlan, name: str, get: Getter) -> torch.Tensor:
             out = out * a.gamma if a.gamma != 1.0 else out
         else:
             raise KeyError(f"no growth rule for tensor {name!r}")
-        return out.to(dtype)
+        return _fresh(out.to(dtype), w0)
     layer, suffix = int(m.group(1)), m.group(2)
     if plan.inserted[layer] and suffix in ("attn.o_proj.weight", "mlp.down_proj.weight"):
         shape = (plan.dst.hidden_size, plan.dst.num_heads * plan.dst.head_dim if "o_proj" in suffix
@@ -225,7 +225,12 @@ def target_tensor(plan: GrowthPlan, name: str, get: Getter) -> torch.Tensor:
         if bool(new.any()):
             up = get(above[0])
             out[new] = _widen(plan, suffix, up.to(_compute_dtype(up)))[new]
-    return out.to(dtype)
+    return _fresh(out.to(dtype), w0)
+
+
+def _fresh(out: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
+    """Never hand out the source's storage (identity maps): outputs are independent tensors."""
+    return out.clone() if out.data_ptr() == source.data_ptr() else out
 
 
 def target_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
