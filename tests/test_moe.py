@@ -130,3 +130,22 @@ def test_eval_routing_is_deterministic() -> None:
     x = torch.randint(0, 512, (2, 12))
     with torch.no_grad():
         assert torch.equal(model(x).logits, model(x).logits)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_layer_matches_cpu_and_runs_bf16() -> None:
+    cfg = get_preset("tiny-moe")
+    layer = MoELayer(cfg, 0)
+    for p in layer.parameters():
+        torch.nn.init.normal_(p, std=0.1)
+    x = torch.randn(2, 16, cfg.hidden_size)
+    gpu = MoELayer(cfg, 0).to("cuda")
+    gpu.load_state_dict(layer.state_dict())
+    with torch.no_grad():
+        assert (gpu(x.cuda())[0].cpu() - layer(x)[0]).abs().max() < 1e-4
+    gpu = gpu.to(torch.bfloat16)
+    y, stats = gpu(x.to("cuda", torch.bfloat16))
+    y.float().square().mean().backward()
+    assert stats.tokens_per_expert.sum().item() == 64 and torch.isfinite(y).all()
+    assert gpu.router.weight.grad is not None

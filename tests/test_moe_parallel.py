@@ -122,3 +122,17 @@ def test_layout_and_param_groups() -> None:
     assert len(moe) == 1 and moe[0]["name"] == "ep_size_2" and len(moe[0]["params"]) == 48
     assert moe[0]["weight_decay"] == 0.1
     assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
+
+
+def test_deepspeed_marker_adds_no_state() -> None:
+    from deepspeed.moe.layer import MoE
+
+    from aquila_ray.moe.parallel import register_with_deepspeed
+
+    model = build_model(get_preset("tiny-moe"), seed=0)
+    keys = list(model.state_dict())
+    groups = create_expert_parallel_groups(1)
+    register_with_deepspeed(model, groups)
+    assert list(model.state_dict()) == keys
+    markers = [m for m in model.modules() if isinstance(m, MoE)]
+    assert len(markers) == 1 and markers[0].num_experts == 8 and markers[0].ep_size == 1
