@@ -133,7 +133,8 @@ def _take(w: torch.Tensor, dim: int, index: torch.Tensor | None, scale: torch.Te
         w = w.index_select(dim, index)
     if scale is not None:
         s = scale.to(w.dtype)
-        w = w * (s[:, None] if dim == 0 and w.dim() == 2 else s)
+        s = s[:, None] if dim == 0 and w.dim() == 2 else s
+        w = w.mul_(s) if index is not None else w * s  # in place only on our own copy
     return w
 
 
