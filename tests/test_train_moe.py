@@ -109,3 +109,28 @@ def test_online_upcycling_starts_at_the_dense_loss(ray_cluster: Any, data_dir: P
         dense_loss = float(dense(rows[:, :-1], labels=rows[:, 1:]).loss)
     assert first["loss"] == pytest.approx(dense_loss, rel=1e-5)
     assert np.isfinite(first["aux_loss"])
+
+
+@pytest.mark.slow
+def test_moe_killed_worker_resumes_bit_identical(ep2: TrainResult, data_dir: Path, storage: Path) -> None:
+    cfg = make_cfg(data_dir, "scaling.expert_parallel=2", "fault_injection=1@3", "scaling.max_failures=1")
+    result = run_training(cfg, storage, "moe-killed")
+    from safetensors.torch import load_file
+
+    for name in ("model.safetensors", "optimizer.safetensors"):
+        a = load_file(str(Path(result.checkpoint_path or "") / name))
+        b = load_file(str(Path(ep2.checkpoint_path or "") / name))
+        assert a.keys() == b.keys()
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+
+
+@pytest.mark.slow
+def test_moe_resume_from_ep2_at_one_worker(ep2: TrainResult, data_dir: Path, storage: Path) -> None:
+    with pytest.raises(Exception, match="(?i)fail|died|exit"):
+        run_training(make_cfg(data_dir, "scaling.expert_parallel=2", "fault_injection=0@4"), storage, "moe-resize")
+    result = run_training(make_cfg(data_dir, "scaling.num_workers=1"), storage, "moe-resize")
+    rows, ref = read_metrics(result.metrics_path), read_metrics(ep2.metrics_path)
+    assert [r["world_size"] for r in rows] == [2, 2, 1, 1]
+    assert [r["sample_hash"] for r in rows] == [r["sample_hash"] for r in ref]
+    for a, b in zip(rows, ref, strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
