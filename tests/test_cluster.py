@@ -199,11 +199,12 @@ class LocalHead:
 
 
 def _start_head(root: Path, token: str | None, num_cpus: int, extra_env: dict[str, str] | None = None,
-                extra_args: tuple[str, ...] = ()) -> LocalHead:
+                extra_args: tuple[str, ...] = (), gcs_port: int | None = None) -> LocalHead:
     home = root / "home"
     home.mkdir(parents=True, exist_ok=True)
     head = LocalHead(root=root, token=token, home=home)
     gcs, dash, agent, agent_grpc, client, metrics, rt_env = _free_ports(7)
+    gcs = gcs_port or gcs
     lo, hi = _worker_port_range()
     env = head.env(with_token=token is not None)
     env.update(extra_env or {})
@@ -239,7 +240,7 @@ def short_root() -> Iterator[Path]:
     shutil.rmtree(root, ignore_errors=True)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="class")
 def auth_head(short_root: Path) -> Iterator[LocalHead]:
     head = _start_head(short_root / "auth", token=secrets.token_hex(24), num_cpus=3)
     try:
@@ -268,52 +269,214 @@ def _job_status(head: LocalHead, job_id: str, timeout_s: float) -> str:
 
 
 @pytest.mark.ray
-def test_client_without_token_is_refused(auth_head: LocalHead) -> None:
-    import requests
-    from ray.exceptions import AuthenticationError
-    from ray.job_submission import JobSubmissionClient
+class TestTokenAuthJobs:
+    """One head with token auth for these tests, stopped before the next class starts its cluster."""
 
-    # Raw HTTP: no token -> 401, wrong token -> 403, right token -> 200.
-    url = f"{auth_head.dashboard_url}/api/jobs/"
-    assert requests.get(url, timeout=10).status_code == 401
-    assert requests.get(url, headers={"Authorization": "Bearer not-the-token"}, timeout=10).status_code == 403
-    assert requests.get(url, headers={"Authorization": f"Bearer {auth_head.token}"}, timeout=10).status_code == 200
+    def test_client_without_token_is_refused(self, auth_head: LocalHead) -> None:
+        import requests
+        from ray.exceptions import AuthenticationError
+        from ray.job_submission import JobSubmissionClient
 
-    # The SDK: a wrong token raises Ray's AuthenticationError.
-    with pytest.raises(AuthenticationError, match="invalid or incorrect"):
-        JobSubmissionClient(auth_head.dashboard_url, headers={"Authorization": "Bearer not-the-token"}).list_jobs()
+        # Raw HTTP: no token -> 401, wrong token -> 403, right token -> 200.
+        url = f"{auth_head.dashboard_url}/api/jobs/"
+        assert requests.get(url, timeout=10).status_code == 401
+        assert requests.get(url, headers={"Authorization": "Bearer not-the-token"}, timeout=10).status_code == 403
+        assert requests.get(url, headers={"Authorization": f"Bearer {auth_head.token}"}, timeout=10).status_code == 200
 
-    # The CLI with no token anywhere (fresh HOME, no RAY_AUTH_TOKEN).
-    r = auth_head.ray("job", "submit", "--address", auth_head.dashboard_url, "--", "echo", "hi",
-                      with_token=False, timeout=60)
-    assert r.returncode != 0
-    assert "Unauthorized: Missing authentication token" in r.stdout + r.stderr
+        # The SDK: a wrong token raises Ray's AuthenticationError.
+        with pytest.raises(AuthenticationError, match="invalid or incorrect"):
+            JobSubmissionClient(auth_head.dashboard_url, headers={"Authorization": "Bearer not-the-token"}).list_jobs()
 
-    # gRPC: a driver without the token cannot join the cluster.
-    probe = f"import ray; ray.init(address='{auth_head.gcs_address}'); print('JOINED')"
-    r = subprocess.run([PY, "-c", probe], env=auth_head.env(with_token=False), text=True, capture_output=True,
-                       timeout=90)
-    assert r.returncode != 0 and "JOINED" not in r.stdout, r.stdout[-2000:]
-    assert "InvalidAuthToken: Authentication token is missing or incorrect" in r.stderr, r.stderr[-2000:]
+        # The CLI with no token anywhere (fresh HOME, no RAY_AUTH_TOKEN).
+        r = auth_head.ray("job", "submit", "--address", auth_head.dashboard_url, "--", "echo", "hi",
+                          with_token=False, timeout=60)
+        assert r.returncode != 0
+        assert "Unauthorized: Missing authentication token" in r.stdout + r.stderr
+
+        # gRPC: a driver without the token cannot join the cluster.
+        probe = f"import ray; ray.init(address='{auth_head.gcs_address}'); print('JOINED')"
+        r = subprocess.run([PY, "-c", probe], env=auth_head.env(with_token=False), text=True, capture_output=True,
+                           timeout=90)
+        assert r.returncode != 0 and "JOINED" not in r.stdout, r.stdout[-2000:]
+        assert "InvalidAuthToken: Authentication token is missing or incorrect" in r.stderr, r.stderr[-2000:]
 
 
-@pytest.mark.ray
-def test_submit_data_job(auth_head: LocalHead, short_root: Path) -> None:
-    """`ray job submit --working-dir .` of the real data job on the bundled sample corpus."""
+    def test_submit_data_job(self, data_job: tuple[LocalHead, Path, str]) -> None:
+        """`ray job submit --working-dir .` of the real data job on the bundled sample corpus."""
+        auth_head, out, job_id = data_job
+        logs = auth_head.ray("job", "logs", "--address", auth_head.dashboard_url, job_id, timeout=60)
+        assert logs.returncode == 0, logs.stderr[-2000:]
+        summary = json.loads(logs.stdout[logs.stdout.index("{\n"):logs.stdout.rindex("}") + 1])
+        assert summary["output"] == str(out) and summary["total"]["kept"] > 0
+        from aquila_ray.train.shards import read_manifest
+
+        manifest = read_manifest(out)  # checks every listed shard exists
+        assert manifest.seq_len == 32 and manifest.splits["train"].num_sequences > 0
+
+    def test_submit_tiny_training_job(self, data_job: tuple[LocalHead, Path, str], short_root: Path) -> None:
+        """JobSubmissionClient submits the real training job on the data job's token shards."""
+        from ray.job_submission import JobSubmissionClient
+
+        auth_head, data_dir, _ = data_job
+        config = short_root / "train.yaml"
+        config.write_text(yaml.safe_dump({
+            "model": "tiny", "data_dir": str(data_dir), "steps": 2, "global_batch_tokens": 256,
+            "micro_batch_size": 4, "checkpoint": {"every": 2}, "eval_every": 0,
+            "scaling": {"num_workers": 1, "max_failures": 0}, "wandb": {"mode": "disabled"},
+        }))
+        storage = short_root / "runs"
+        client = JobSubmissionClient(auth_head.dashboard_url, headers={"Authorization": f"Bearer {auth_head.token}"})
+        job_id = client.submit_job(
+            entrypoint=f"python -m jobs.train --config {config} --storage-path {storage} --run-name tiny",
+            runtime_env={"working_dir": str(REPO), "env_vars": {"WANDB_MODE": "disabled"}},
+        )
+        status = _job_status(auth_head, job_id, timeout_s=240)
+        logs = client.get_job_logs(job_id)
+        assert status == "SUCCEEDED", logs[-4000:]
+        summary = json.loads(logs[logs.rindex('{\n  "checkpoint"'):logs.rindex("}") + 1])
+        assert summary["last_metrics"]["step"] == 2 and summary["checkpoint"]
+        assert Path(summary["checkpoint"]).is_dir()
+        status_cli = auth_head.ray("job", "status", "--address", auth_head.dashboard_url, job_id, timeout=60)
+        assert status_cli.returncode == 0 and "succeeded" in (status_cli.stdout + status_cli.stderr).lower()
+
+
+@pytest.fixture(scope="class")
+def data_job(auth_head: LocalHead, short_root: Path) -> tuple[LocalHead, Path, str]:
+    """The data job, submitted once with the CLI (`ray job submit --working-dir .`) and waited for."""
     out = short_root / "data"
     job_id = f"prepare-data-{secrets.token_hex(3)}"
+    # vocab 512 matches the tiny model preset, so the training job can use these shards as they are.
     r = auth_head.ray("job", "submit", "--address", auth_head.dashboard_url, "--working-dir", ".",
                       "--submission-id", job_id, "--",
                       "python", "-m", "jobs.prepare_data", "--output", str(out),
-                      "--set", "tokenizer.vocab_size=600", "--set", "pack.seq_len=32", timeout=300)
+                      "--set", "tokenizer.vocab_size=512", "--set", "pack.seq_len=32", timeout=300)
     assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
     assert f"Job '{job_id}' succeeded" in r.stdout + r.stderr
+    return auth_head, out, job_id
 
-    logs = auth_head.ray("job", "logs", "--address", auth_head.dashboard_url, job_id, timeout=60)
-    assert logs.returncode == 0, logs.stderr[-2000:]
-    summary = json.loads(logs.stdout[logs.stdout.index("{\n"):logs.stdout.rindex("}") + 1])
-    assert summary["output"] == str(out) and summary["total"]["kept"] > 0
-    from aquila_ray.train.shards import read_manifest
 
-    manifest = read_manifest(out)  # checks every listed shard exists
-    assert manifest.seq_len == 32 and manifest.splits["train"].num_sequences > 0
+# --------------------------------------------------------------------------------------------------
+# Autoscaling with Ray's fake_multinode provider
+# --------------------------------------------------------------------------------------------------
+
+# Stands in for the GPU worker type of cluster.yaml: a custom resource instead of GPU (the fake provider
+# would not give a fake node real GPUs), one slot per node, min 0. The head has none, so only added
+# nodes can host training workers.
+_FAKE_CLUSTER: dict[str, Any] = {
+    "cluster_name": "fake",
+    "max_workers": 2,
+    "upscaling_speed": 2.0,
+    "idle_timeout_minutes": 1,
+    "docker": {},
+    "provider": {"type": "fake_multinode", "use_node_id_as_ip": True, "disable_node_updaters": True,
+                 "disable_launch_config_check": True},
+    "auth": {"ssh_user": "ubuntu"},
+    "available_node_types": {
+        "ray.head.default": {"resources": {"CPU": 1}, "node_config": {}, "max_workers": 0},
+        "train_worker": {"resources": {"CPU": 1, "train_slot": 1}, "node_config": {}, "min_workers": 0,
+                         "max_workers": 2},
+    },
+    "head_node_type": "ray.head.default",
+    **{k: {} for k in ("file_mounts",)},
+    **{k: [] for k in ("cluster_synced_files", "rsync_exclude", "rsync_filter", "initialization_commands",
+                       "setup_commands", "head_setup_commands", "worker_setup_commands",
+                       "head_start_ray_commands", "worker_start_ray_commands")},
+    "file_mounts_sync_continuously": False,
+}
+
+# A Ray Train job whose workers each need a `train_slot` (as real jobs need GPUs): 2 workers, 0 on the head.
+_TRAIN_JOB = '''
+import json, sys
+from pathlib import Path
+
+import ray
+import ray.train
+import torch
+import torch.distributed as dist
+from ray.train import RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+
+
+def loop(config):
+    total = torch.ones(1)
+    dist.all_reduce(total)  # gloo across the added nodes
+    rank = ray.train.get_context().get_world_rank()
+    node = ray.get_runtime_context().get_node_id()
+    Path(config["out"], f"rank{rank}.json").write_text(json.dumps({"node": node, "world": int(total.item())}))
+    ray.train.report({"world": int(total.item())})
+
+
+out = sys.argv[1]
+trainer = TorchTrainer(
+    loop, train_loop_config={"out": out},
+    scaling_config=ScalingConfig(num_workers=2, use_gpu=False, resources_per_worker={"CPU": 1, "train_slot": 1}),
+    run_config=RunConfig(name="fake-autoscale", storage_path=out),
+)
+result = trainer.fit()  # raises if training failed
+print("TRAIN_RESULT", result.error)
+'''
+
+
+@pytest.fixture(scope="class")
+def fake_cluster(short_root: Path) -> Iterator[LocalHead]:
+    from ray._private.services import get_node_ip_address
+
+    root = short_root / "fake"
+    root.mkdir()
+    gcs_port = _free_ports(1)[0]
+    config = json.loads(json.dumps(_FAKE_CLUSTER))
+    config["provider"]["gcs_address"] = f"{get_node_ip_address()}:{gcs_port}"
+    config_path = root / "autoscaler.yaml"
+    config_path.write_text(yaml.safe_dump(config))
+    head = _start_head(root, token=secrets.token_hex(24), num_cpus=1, extra_env={"RAY_FAKE_CLUSTER": "1"},
+                       extra_args=(f"--autoscaling-config={config_path}",), gcs_port=gcs_port)
+    try:
+        assert head.gcs_address == config["provider"]["gcs_address"]
+        yield head
+    finally:
+        _kill_session(head.sid)
+
+
+@pytest.mark.ray
+class TestFakeMultinodeAutoscaling:
+    """A job whose Ray Train workers fit only on nodes the autoscaler has yet to add."""
+
+    def test_autoscaler_adds_nodes_for_training_job(self, fake_cluster: LocalHead) -> None:
+        from ray.job_submission import JobSubmissionClient
+
+        workdir = fake_cluster.root / "job"
+        workdir.mkdir()
+        (workdir / "train_job.py").write_text(_TRAIN_JOB)
+        out = fake_cluster.root / "out"
+        out.mkdir()
+        client = JobSubmissionClient(fake_cluster.dashboard_url,
+                                     headers={"Authorization": f"Bearer {fake_cluster.token}"})
+        nodes_before = _alive_nodes(fake_cluster)
+        assert nodes_before == 1  # the head only: min_workers 0
+        job_id = client.submit_job(entrypoint=f"python train_job.py {out}", runtime_env={"working_dir": str(workdir)})
+        status = _job_status(fake_cluster, job_id, timeout_s=120)
+        logs = client.get_job_logs(job_id)
+        assert status == "SUCCEEDED", logs[-4000:]
+        assert "Adding" in logs and "train_worker" in logs  # the autoscaler's own event, streamed to the driver
+        assert "TRAIN_RESULT" in logs
+        ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+        assert all(r["world"] == 2 for r in ranks)
+        head_node = _head_node_id(fake_cluster)
+        assert len({r["node"] for r in ranks}) == 2 and head_node not in {r["node"] for r in ranks}
+        assert _alive_nodes(fake_cluster) == 3
+
+
+def _cluster_query(head: LocalHead, code: str) -> Any:
+    script = f"import json, ray\nray.init(address='{head.gcs_address}', log_to_driver=False)\n{code}"
+    r = subprocess.run([PY, "-c", script], env=head.env(), text=True, capture_output=True, timeout=60)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def _alive_nodes(head: LocalHead) -> int:
+    return int(_cluster_query(head, "print(sum(n['Alive'] for n in ray.nodes()))"))
+
+
+def _head_node_id(head: LocalHead) -> str:
+    code = "print(json.dumps([n['NodeID'] for n in ray.nodes() if 'node:__internal_head__' in n['Resources']][0]))"
+    return str(_cluster_query(head, code))
