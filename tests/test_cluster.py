@@ -99,6 +99,23 @@ def test_cluster_yaml_security() -> None:
         assert any("pip install" in c and "aquila" in c for c in commands)
 
 
+# The data seq_len each example is written for (the prepare_data commands in its header).
+_EXAMPLE_SEQ_LEN = {"train_7b_stage1.yaml": 4096, "train_tiny_cpu.yaml": 32}
+
+
+def test_cluster_example_train_configs_build() -> None:
+    """The example job configs that docs/cluster.md submits are valid TrainConfigs whose batch divides
+    into every worker count they allow (the trainer's own check, run offline)."""
+    from aquila_ray.config.train import build_train_config
+
+    paths = sorted((REPO / "examples" / "cluster").glob("train_*.yaml"))
+    assert {p.name for p in paths} == set(_EXAMPLE_SEQ_LEN)
+    for path in paths:
+        cfg = build_train_config(path)
+        assert cfg.data_dir.startswith("/mnt/shared/"), path.name  # EFS: the path every node sees
+        assert cfg.batch_sequences(_EXAMPLE_SEQ_LEN[path.name]) > 0
+
+
 # --------------------------------------------------------------------------------------------------
 # Local clusters started by the tests
 # --------------------------------------------------------------------------------------------------
@@ -137,31 +154,36 @@ def _worker_port_range(width: int = 200) -> tuple[int, int]:
     raise RuntimeError("no free window of worker ports")
 
 
-def _session_pids(sid: int) -> list[int]:
+def _cluster_pids(sid: int, root: Path) -> list[int]:
+    """Processes of one test cluster: its `ray start` session, plus job drivers (which Ray starts in a
+    session of their own) found by their working directory or command line under the cluster's root."""
     import psutil
 
-    pids = []
+    me, prefix, pids = os.getpid(), str(root), []
     for proc in psutil.process_iter():
         try:
-            if os.getsid(proc.pid) == sid:
+            if proc.pid == me:
+                continue
+            if os.getsid(proc.pid) == sid or prefix in " ".join(proc.cmdline()) or proc.cwd().startswith(prefix):
                 pids.append(proc.pid)
         except (ProcessLookupError, PermissionError, psutil.Error):
             continue
     return pids
 
 
-def _kill_session(sid: int, grace_s: float = 3.0) -> None:
-    """SIGTERM, then SIGKILL, every process in the session `ray start` was launched in."""
+def _kill_cluster(sid: int, root: Path, grace_s: float = 3.0) -> None:
+    """SIGTERM, then SIGKILL, exactly the processes of one test cluster (never `ray stop`: it kills every
+    Ray process on the machine, other people's clusters included)."""
     for sig, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 5.0)):
-        for pid in _session_pids(sid):
+        for pid in _cluster_pids(sid, root):
             try:
                 os.kill(pid, sig)
             except ProcessLookupError:
                 pass
         deadline = time.time() + wait_s
-        while _session_pids(sid) and time.time() < deadline:
+        while _cluster_pids(sid, root) and time.time() < deadline:
             time.sleep(0.2)
-        if not _session_pids(sid):
+        if not _cluster_pids(sid, root):
             return
 
 
@@ -221,10 +243,10 @@ def _start_head(root: Path, token: str | None, num_cpus: int, extra_env: dict[st
     try:
         out, _ = proc.communicate(timeout=120)
     except subprocess.TimeoutExpired:
-        _kill_session(head.sid)
+        _kill_cluster(head.sid, head.root)
         raise
     if proc.returncode != 0:
-        _kill_session(head.sid)
+        _kill_cluster(head.sid, head.root)
         raise RuntimeError(f"ray start --head failed ({proc.returncode}):\n{out[-3000:]}")
     m = re.search(r"ray start --address='([^']+)'", out)
     head.gcs_address = m.group(1) if m else f"127.0.0.1:{gcs}"
@@ -246,7 +268,7 @@ def auth_head(short_root: Path) -> Iterator[LocalHead]:
     try:
         yield head
     finally:
-        _kill_session(head.sid)
+        _kill_cluster(head.sid, head.root)
 
 
 def _job_status(head: LocalHead, job_id: str, timeout_s: float) -> str:
@@ -434,7 +456,7 @@ def fake_cluster(short_root: Path) -> Iterator[LocalHead]:
         assert head.gcs_address == config["provider"]["gcs_address"]
         yield head
     finally:
-        _kill_session(head.sid)
+        _kill_cluster(head.sid, head.root)
 
 
 @pytest.mark.ray
