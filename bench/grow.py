@@ -21,6 +21,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -73,7 +74,7 @@ def fsync_dir(path: Path) -> float:
     return time.perf_counter() - t0
 
 
-def grow_once(src: Path, dst: Path, opts: dict[str, object], shard_bytes: int) -> tuple[float, dict[str, object]]:
+def grow_once(src: Path, dst: Path, opts: dict[str, object], shard_bytes: int) -> tuple[float, dict[str, Any]]:
     shutil.rmtree(dst, ignore_errors=True)
     t0 = time.perf_counter()
     out = subprocess.run([sys.executable, "-c", CHILD, str(src), str(dst), json.dumps(to_dict(TARGET)),
@@ -130,8 +131,8 @@ def main() -> None:
         out_bytes = sum(f.stat().st_size for f in (work / "dst").glob("*.safetensors"))
         grow_s.append(wall)
         grow_sync.append(wall + fsync_dir(work / "dst"))
-        child_s.append(rep["seconds"]["total"])  # type: ignore[index]
-        rss.append(int(rep["peak_rss_bytes"]))  # type: ignore[arg-type]
+        child_s.append(rep["seconds"]["total"])
+        rss.append(int(rep["peak_rss_bytes"]))
         copy_s.append(copy_once(src, work / "copy", out_bytes))
         copy_sync.append(copy_s[-1] + fsync_dir(work / "copy"))
         print(f"run {r}: grow {wall:.2f}s, +fsync {grow_sync[-1]:.2f}s (in-process {child_s[-1]:.2f}s, peak RSS "
