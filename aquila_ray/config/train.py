@@ -294,3 +294,22 @@ def build_train_config(overlay: dict[str, Any] | str | Path | None = None,
         model = apply_overrides(model, model_overrides)
     cfg = from_dict(TrainConfig, {**data, "model": model})
     return apply_overrides(cfg, rest) if rest else cfg
+
+
+def stage_train_config(stage: Any, model: ModelConfig, data_dir: str, *, init: str = "scratch",
+                       init_from: str | None = None, seed: int = 0, wandb_project: str = "aquila-ray",
+                       wandb_group: str | None = None) -> TrainConfig:
+    """The TrainConfig of one EfficientScale stage (``aquila_ray.config.recipe.StageConfig``: steps, lr,
+    schedule, batch, workers, ZeRO stage, expert parallelism, eval and checkpoint frequency)."""
+    return TrainConfig(
+        model=model, data_dir=data_dir, init=init, init_from=init_from, steps=stage.steps,  # type: ignore[arg-type]
+        global_batch_tokens=stage.global_batch_tokens, micro_batch_size=stage.micro_batch_size, seed=seed,
+        optimizer=OptimizerConfig(lr=stage.lr, weight_decay=stage.weight_decay, grad_clip=stage.grad_clip),
+        schedule=ScheduleConfig(kind=stage.schedule, warmup_steps=stage.warmup_steps,
+                                min_lr_ratio=stage.min_lr_ratio),
+        checkpoint=CheckpointingConfig(every=stage.checkpoint_every),
+        scaling=ScalingOptions(num_workers=stage.num_workers, use_gpu=stage.use_gpu, zero_stage=stage.zero_stage,
+                               expert_parallel=stage.expert_parallel),
+        wandb=WandbConfig(project=wandb_project, group=wandb_group),
+        eval_every=stage.eval_every,
+    )

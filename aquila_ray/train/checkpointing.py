@@ -49,7 +49,7 @@ def write_training_checkpoint(directory: str | Path, model_state: dict[str, torc
                               optimizer_state: dict[str, torch.Tensor], optimizer_step: int,
                               trainer_state: dict[str, Any], rng: dict[str, torch.Tensor],
                               train_config: dict[str, Any], max_shard_bytes: int) -> Path:
-    extra = {
+    extra: dict[str, str | bytes] = {
         OPTIMIZER_NAME: save_bytes({k: v.contiguous() for k, v in optimizer_state.items()},
                                    metadata={"step": str(optimizer_step), "format": "aquila-ray-adamw/1"}),
         TRAINER_STATE_NAME: json.dumps(trainer_state, indent=2),

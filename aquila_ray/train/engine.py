@@ -85,7 +85,8 @@ def full_model_state_dict(model: nn.Module, ep_groups: Any) -> dict[str, torch.T
 def param_groups(model: nn.Module, weight_decay: float, ep_groups: Any = None) -> list[dict[str, Any]]:
     """AdamW groups: decay on matrices and embeddings, none on norms and biases; MoE expert parameters in
     separate groups (DeepSpeed reduces them over the expert-data-parallel group)."""
-    decay, no_decay = [], []
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue

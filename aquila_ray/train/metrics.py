@@ -70,7 +70,8 @@ class MetricsLogger:
 
             self.run = wandb.init(project=wandb_cfg.project, entity=wandb_cfg.entity, group=wandb_cfg.group,
                                   name=run_name, id=wandb_run_id(run_name), resume="allow", dir=str(log_dir),
-                                  mode=mode, config=config)  # type: ignore[arg-type]
+                                  mode=mode, config=config,  # type: ignore[arg-type]
+                                  settings=wandb.Settings(console="off"))  # console lines are ours already
             self.run.define_metric("*", step_metric="step")
 
     def _truncate_after(self, step: int) -> None:
@@ -133,7 +134,7 @@ def read_wandb_history(run_file: str | Path) -> list[dict[str, Any]]:
 
     rows = []
     for raw in _leveldb_records(Path(run_file).read_bytes()):
-        rec = pb.Record()
+        rec = pb.Record()  # type: ignore[attr-defined]
         rec.ParseFromString(raw)
         if rec.WhichOneof("record_type") == "history":
             rows.append({(it.key or "/".join(it.nested_key)): json.loads(it.value_json) for it in rec.history.item})

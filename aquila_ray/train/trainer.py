@@ -153,7 +153,7 @@ def run_training(cfg: TrainConfig, storage_path: str | os.PathLike[str], run_nam
     scaling = ScalingConfig(num_workers=workers, use_gpu=s.use_gpu,  # type: ignore[arg-type]
                             resources_per_worker={"CPU": s.cpus_per_worker, **({"GPU": 1} if s.use_gpu else {})})
     env = {k: os.environ[k] for k in WANDB_ENV if k in os.environ}
-    run_config = RunConfig(
+    run_config = RunConfig(  # type: ignore[call-arg]  # Train V2's RunConfig (the 2.60 default)
         name=run_name, storage_path=storage,
         failure_config=FailureConfig(max_failures=s.max_failures),
         checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.num_to_keep),
