@@ -439,24 +439,29 @@ print("TRAIN_RESULT", result.error)
 '''
 
 
-@pytest.fixture(scope="class")
-def fake_cluster(short_root: Path) -> Iterator[LocalHead]:
+def _fake_cluster(root: Path, template: dict[str, Any], head_cpus: int) -> Iterator[LocalHead]:
+    """A head started with RAY_FAKE_CLUSTER=1 and an autoscaling config for Ray's fake_multinode provider:
+    every node it adds is a real raylet on this machine, in the head's process session."""
     from ray._private.services import get_node_ip_address
 
-    root = short_root / "fake"
     root.mkdir()
     gcs_port = _free_ports(1)[0]
-    config = json.loads(json.dumps(_FAKE_CLUSTER))
+    config = json.loads(json.dumps(template))
     config["provider"]["gcs_address"] = f"{get_node_ip_address()}:{gcs_port}"
     config_path = root / "autoscaler.yaml"
     config_path.write_text(yaml.safe_dump(config))
-    head = _start_head(root, token=secrets.token_hex(24), num_cpus=1, extra_env={"RAY_FAKE_CLUSTER": "1"},
+    head = _start_head(root, token=secrets.token_hex(24), num_cpus=head_cpus, extra_env={"RAY_FAKE_CLUSTER": "1"},
                        extra_args=(f"--autoscaling-config={config_path}",), gcs_port=gcs_port)
     try:
         assert head.gcs_address == config["provider"]["gcs_address"]
         yield head
     finally:
         _kill_cluster(head.sid, head.root)
+
+
+@pytest.fixture(scope="class")
+def fake_cluster(short_root: Path) -> Iterator[LocalHead]:
+    yield from _fake_cluster(short_root / "fake", _FAKE_CLUSTER, head_cpus=1)
 
 
 @pytest.mark.ray
@@ -502,3 +507,53 @@ def _alive_nodes(head: LocalHead) -> int:
 def _head_node_id(head: LocalHead) -> str:
     code = "print(json.dumps([n['NodeID'] for n in ray.nodes() if 'node:__internal_head__' in n['Resources']][0]))"
     return str(_cluster_query(head, code))
+
+
+# The cluster.yaml shape in miniature: a head with 0 CPUs (nothing trains there) and a CPU worker type
+# with min 0; the real training job, elastic, must get its workers from nodes the autoscaler adds.
+_FAKE_CLUSTER_ZERO_CPU_HEAD: dict[str, Any] = {
+    **_FAKE_CLUSTER,
+    "available_node_types": {
+        "ray.head.default": {"resources": {"CPU": 0}, "node_config": {}, "max_workers": 0},
+        "cpu_worker": {"resources": {"CPU": 1}, "node_config": {}, "min_workers": 0, "max_workers": 2},
+    },
+}
+
+
+@pytest.fixture(scope="class")
+def fake_cluster_zero_cpu_head(short_root: Path) -> Iterator[LocalHead]:
+    yield from _fake_cluster(short_root / "fake0", _FAKE_CLUSTER_ZERO_CPU_HEAD, head_cpus=0)
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+class TestElasticTrainingJobAutoscaling:
+    """`jobs.train` with `scaling: {num_workers: 2, min_workers: 1}` on a 0-CPU head (~1.5 min)."""
+
+    def test_elastic_train_job_gets_nodes_from_autoscaler(self, fake_cluster_zero_cpu_head: LocalHead) -> None:
+        from ray.job_submission import JobSubmissionClient
+
+        from aquila_ray.train.metrics import read_metrics
+        from aquila_ray.train.synthetic import write_synthetic_shards
+
+        head = fake_cluster_zero_cpu_head
+        data = write_synthetic_shards(head.root / "data")
+        config = head.root / "train.yaml"
+        config.write_text(yaml.safe_dump({
+            "model": "tiny", "data_dir": str(data), "steps": 4, "global_batch_tokens": 256,
+            "micro_batch_size": 4, "checkpoint": {"every": 2}, "eval_every": 0,
+            "scaling": {"num_workers": 2, "min_workers": 1, "max_failures": 2}, "wandb": {"mode": "disabled"},
+        }))
+        assert _alive_nodes(head) == 1
+        client = JobSubmissionClient(head.dashboard_url, headers={"Authorization": f"Bearer {head.token}"})
+        job_id = client.submit_job(
+            entrypoint=f"python -m jobs.train --config {config} --storage-path {head.root / 'runs'} --run-name el",
+            runtime_env={"working_dir": str(REPO), "env_vars": {"WANDB_MODE": "disabled"}},
+        )
+        status = _job_status(head, job_id, timeout_s=300)
+        logs = client.get_job_logs(job_id)
+        assert status == "SUCCEEDED", logs[-4000:]
+        assert "Adding" in logs and "cpu_worker" in logs
+        rows = read_metrics(head.root / "runs" / "el" / "metrics.jsonl")
+        assert rows[-1]["step"] == 4 and {r["world_size"] for r in rows} <= {1, 2}
+        assert _alive_nodes(head) >= 2  # the head alone has no CPU: every worker ran on an added node
