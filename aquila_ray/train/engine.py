@@ -163,34 +163,70 @@ def _is_partitioned(model: nn.Module) -> bool:
     return any(hasattr(p, "_hp_mapping") for p in model.parameters())
 
 
+def _gather_hp(engine: Any, model: nn.Module, dims: ParallelDims, key: str | None) -> dict[str, torch.Tensor]:
+    """Full fp32 tensors per parameter name from the partitioned flat fp32 buffers: Adam moment ``key``, or
+    the fp32 master weights when ``key`` is None. Collective over each parameter's data-parallel group."""
+    opt = _torch_optimizer(engine)
+    out = {}
+    for name, p in model.named_parameters():
+        full = torch.zeros(p.numel(), dtype=torch.float32, device=p.device)
+        frag = _zero_fragment(opt, p)
+        if frag is not None:
+            flat, hp_start, lp_start, n = frag
+            src = flat if key is None else opt.state.get(flat, {}).get(key)
+            if src is not None:
+                full[lp_start:lp_start + n] = src[hp_start:hp_start + n]
+        if dims.world_size > 1:
+            dist.all_reduce(full, group=getattr(p, "_dp_group", None))
+        out[name] = full.reshape(p.shape).cpu()
+    return out
+
+
+def gather_master_weights(engine: Any, model: nn.Module, dims: ParallelDims, ep_groups: Any = None
+                          ) -> dict[str, torch.Tensor] | None:
+    """The fp32 master weights per name when the module itself is low precision (bf16 on GPU), else None
+    (fp32 modules hold the master weights). Collective."""
+    if all(p.dtype == torch.float32 for p in model.parameters()) or not _is_partitioned(model):
+        return None
+    sd = {k: v.detach().float().cpu() for k, v in model.state_dict().items()}  # buffers, tied names
+    sd.update(_gather_hp(engine, model, dims, None))
+    if ep_groups is not None:
+        from aquila_ray.train.moe_support import gather_experts
+
+        sd = gather_experts(model, sd, ep_groups)
+    return sd
+
+
+def load_master_weights(engine: Any, model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Put full fp32 master weights into the partitioned fp32 buffers (low-precision modules only: their
+    fp32 copy was built from the bf16 parameters and would lose the checkpoint's low bits)."""
+    if all(p.dtype == torch.float32 for p in model.parameters()) or not _is_partitioned(model):
+        return
+    opt = _torch_optimizer(engine)
+    for name, p in model.named_parameters():
+        frag = _zero_fragment(opt, p)
+        if frag is not None:
+            flat, hp_start, lp_start, n = frag
+            flat.data[hp_start:hp_start + n].copy_(state[name].reshape(-1)[lp_start:lp_start + n])
+
+
 def gather_optimizer_state(engine: Any, model: nn.Module, dims: ParallelDims,
                            ep_groups: Any = None) -> tuple[dict[str, torch.Tensor], int]:
     """Full fp32 Adam moments per parameter name (``NAME.exp_avg``, ``NAME.exp_avg_sq``) and the optimizer
     step. Collective: every rank calls it; the assembled tensors are valid on every rank."""
     opt = _torch_optimizer(engine)
     out: dict[str, torch.Tensor] = {}
-    step = 0
-    zero = _is_partitioned(model)
-    for name, p in model.named_parameters():
+    steps = [int(st["step"]) for st in opt.state.values() if "step" in st]
+    step = max(steps, default=0)
+    if _is_partitioned(model):
         for key in ADAM_KEYS:
-            full = torch.zeros(p.numel(), dtype=torch.float32, device=p.device)
-            if zero:
-                frag = _zero_fragment(opt, p)
-                if frag is not None:
-                    flat, hp_start, lp_start, n = frag
-                    st = opt.state.get(flat, {})
-                    if key in st:
-                        full[lp_start:lp_start + n] = st[key][hp_start:hp_start + n]
-                        step = int(st["step"])
-                group = getattr(p, "_dp_group", None)
-                if dims.world_size > 1:
-                    dist.all_reduce(full, group=group)
-            else:
-                st = opt.state.get(p, {})
-                if key in st:
-                    full.copy_(st[key].reshape(-1).float())
-                    step = int(st["step"])
-            out[f"{name}.{key}"] = full.reshape(p.shape).cpu()
+            out.update({f"{name}.{key}": t for name, t in _gather_hp(engine, model, dims, key).items()})
+    else:  # ZeRO-0 fp32: torch's own per-parameter state, replicated on every rank
+        for name, p in model.named_parameters():
+            st = opt.state.get(p, {})
+            for key in ADAM_KEYS:
+                out[f"{name}.{key}"] = (st[key].float().cpu().clone() if key in st
+                                        else torch.zeros(p.shape, dtype=torch.float32))
     if dims.world_size > 1:
         t = torch.tensor([step], dtype=torch.int64)
         dist.all_reduce(t, op=dist.ReduceOp.MAX)

@@ -35,7 +35,9 @@ from aquila_ray.train.engine import (
     build_worker_model,
     create_parallel_groups,
     full_model_state_dict,
+    gather_master_weights,
     gather_optimizer_state,
+    load_master_weights,
     load_optimizer_state,
     set_lr,
 )
@@ -134,6 +136,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     state: dict[str, Any] = {"step": 0, "consumed_samples": 0, "consumed_tokens": 0, "cumulative_flops": 0.0}
     if resumed is not None:
+        load_master_weights(engine, module, resumed.model_state)
         load_optimizer_state(engine, module, resumed.optimizer_state, resumed.optimizer_step, dims)
         state.update({k: resumed.trainer_state[k] for k in state})
         saved_world = resumed.trainer_state.get("world_size")
@@ -229,7 +232,7 @@ def _save_and_report(engine: Any, module: torch.nn.Module, cfg: TrainConfig, dim
                      state: dict[str, Any], row: dict[str, Any], batch: int, checkpoint_cls: Any,
                      report: Any) -> None:
     """Assemble the layout-independent state (collective), write it on rank 0, register it with Ray Train."""
-    model_state = full_model_state_dict(module, ep)
+    model_state = gather_master_weights(engine, module, dims, ep) or full_model_state_dict(module, ep)
     opt_state, opt_step = gather_optimizer_state(engine, module, dims, ep)
     rng = [torch.get_rng_state()]
     if dims.world_size > 1:
