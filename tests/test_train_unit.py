@@ -178,3 +178,15 @@ def test_wandb_id_is_stable() -> None:
     assert wandb_run_id("stage-1/a b") == wandb_run_id("stage-1/a b")
     assert wandb_run_id("a") != wandb_run_id("b")
     json.dumps(wandb_run_id("x"))
+
+
+def test_job_dry_run_prints_config_and_plan(data_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from jobs.train import main
+
+    cfg = tmp_path / "train.yaml"
+    cfg.write_text(f"model: tiny\ndata_dir: {data_dir}\nglobal_batch_tokens: 128\nmicro_batch_size: 2\n")
+    main(["--config", str(cfg), "--set", "steps=3", "--storage-path", str(tmp_path / "runs"), "--run-name", "r",
+          "--dry-run"])
+    out = capsys.readouterr().out
+    assert '"steps": 3' in out and '"global_batch_sequences": 8' in out
+    assert not (tmp_path / "runs").exists()
