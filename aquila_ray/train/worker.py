@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.utils.deterministic
 
 from aquila_ray.config.base import from_dict, to_dict
 from aquila_ray.config.train import TrainConfig
@@ -110,6 +111,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         torch.set_num_threads(cfg.scaling.cpus_per_worker)
     if cfg.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
+        # Deterministic mode also NaN-fills every torch.empty; DeepSpeed allocates buffers with it on every
+        # step, which made fp32 CPU training 2.5x slower. Nothing reads uninitialized memory here.
+        torch.utils.deterministic.fill_uninitialized_memory = False  # type: ignore[attr-defined,unused-ignore]
     torch.manual_seed(cfg.seed * 1000 + dims.rank)
 
     manifest = read_manifest(cfg.data_dir)
