@@ -137,3 +137,12 @@ def test_resume_at_fewer_workers_keeps_samples_and_optimizer(reference: TrainRes
     w, ref_w = weights(result), weights(reference)
     for k in ref_w:
         torch.testing.assert_close(w[k], ref_w[k], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_elastic_range_starts_with_the_workers_that_fit(ray_cluster: Any, data_dir: Path, storage: Path) -> None:
+    # 4 logical CPUs, 3 per worker: only 1 of the 2 allowed workers fits; the elastic run trains with it.
+    cfg = make_cfg(data_dir, "scaling.min_workers=1", "scaling.cpus_per_worker=3", "steps=2")
+    result = run_training(cfg, storage, "elastic")
+    rows = read_metrics(result.metrics_path)
+    assert [(r["step"], r["world_size"], r["grad_accum"]) for r in rows] == [(1, 1, 4), (2, 1, 4)]

@@ -103,12 +103,18 @@ def param_groups(model: nn.Module, weight_decay: float, ep_groups: Any = None) -
     return groups
 
 
+def effective_zero_stage(cfg: TrainConfig, world_size: int) -> int:
+    """ZeRO partitions over data-parallel ranks; with one worker there is nothing to partition and stage 1/2
+    would only add flat-buffer copies each step, so a single worker runs stage 0 (same result)."""
+    return cfg.scaling.zero_stage if world_size > 1 else 0
+
+
 def deepspeed_config(cfg: TrainConfig, micro_batch: int, grad_accum: int, world_size: int) -> dict[str, Any]:
     conf: dict[str, Any] = {
         "train_batch_size": micro_batch * grad_accum * world_size,
         "train_micro_batch_size_per_gpu": micro_batch,
         "gradient_accumulation_steps": grad_accum,
-        "zero_optimization": {"stage": cfg.scaling.zero_stage},
+        "zero_optimization": {"stage": effective_zero_stage(cfg, world_size)},
         "zero_allow_untested_optimizer": True,
         "bf16": {"enabled": cfg.scaling.use_gpu},
         "steps_per_print": 2**31 - 1,

@@ -35,6 +35,7 @@ from aquila_ray.train.engine import (
     build_engine,
     build_worker_model,
     create_parallel_groups,
+    effective_zero_stage,
     full_model_state_dict,
     gather_master_weights,
     gather_optimizer_state,
@@ -157,7 +158,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         logger = MetricsLogger(log_dir, run_name, cfg.wandb, to_dict(cfg), start_step, cfg.steps, cfg.log_every)
         print(f"[aquila-ray] {run_name}: {'resuming at step ' + str(start_step) if start_step else 'starting'} with "
               f"{dims.world_size} worker(s), global batch {batch} x {seq_len} tokens, grad accumulation "
-              f"{grad_accum} x {cfg.micro_batch_size}", flush=True)
+              f"{grad_accum} x {cfg.micro_batch_size}, ZeRO stage {effective_zero_stage(cfg, dims.world_size)}",
+              flush=True)
 
     try:
         step = start_step
