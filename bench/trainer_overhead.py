@@ -1,4 +1,4 @@
-"""Trainer overhead: steady-state tokens/s of ``jobs.train`` (1 Ray Train worker, DeepSpeed ZeRO-1, fp32 CPU)
+"""Trainer overhead: steady-state tokens/s of ``jobs.train`` (1 Ray Train worker, DeepSpeed, fp32 CPU)
 vs a bare PyTorch loop over the same model, data, batch, optimizer, clipping and thread count, in one run.
 
 Bare loop and trainer alternate for ``--rounds`` rounds (noise on a shared machine hits both); each round
@@ -126,7 +126,8 @@ def main() -> None:
         "recovery": {"killed_at_step": kill_at, "resumed_step": resumed["step"],
                      "kill_to_next_step_start_s": resumed["time"] - resumed["step_time_s"] - killed["time"],
                      "kill_to_next_step_done_s": resumed["time"] - killed["time"]},
-        "notes": "1 Ray Train worker, DeepSpeed ZeRO-1 fp32 on CPU, offline W&B; ratios are medians over rounds of "
+        "notes": "1 Ray Train worker, DeepSpeed engine fp32 on CPU (config zero_stage 1, which a single worker runs "
+                 "as stage 0: nothing to partition), offline W&B; ratios are medians over rounds of "
                  "per-round ratios of median tokens/s; jobs_train_wall = tokens / median "
                  "gap between metrics rows (everything a step costs); jobs_train_step = the loop's own step timer "
                  "(data + forward/backward + optimizer). Recovery includes Ray's failure detection "
