@@ -7,6 +7,7 @@ builds each rank's experts from a dense checkpoint and starts at the dense model
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -115,6 +116,8 @@ def test_online_upcycling_starts_at_the_dense_loss(ray_cluster: Any, data_dir: P
 def test_moe_killed_worker_resumes_bit_identical(ep2: TrainResult, data_dir: Path, storage: Path) -> None:
     cfg = make_cfg(data_dir, "scaling.expert_parallel=2", "fault_injection=1@3", "scaling.max_failures=1")
     result = run_training(cfg, storage, "moe-killed")
+    killed_at = json.loads((Path(result.run_dir) / "fault_injection-rank1-step3.json").read_text())["time"]
+    assert [r["step"] for r in read_metrics(result.metrics_path) if r["time"] < killed_at] == [1, 2]
     from safetensors.torch import load_file
 
     for name in ("model.safetensors", "optimizer.safetensors"):

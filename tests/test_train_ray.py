@@ -7,6 +7,7 @@ a rerun at 1 worker after 2. Runs are tiny (6 steps of 16 x 32 tokens) to fit a 
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -67,6 +68,14 @@ def optimizer_state(result: TrainResult) -> dict[str, torch.Tensor]:
     return load_file(str(Path(result.checkpoint_path or "") / "optimizer.safetensors"))
 
 
+def assert_resumed_at(result: TrainResult, kill_step: int, resumed_step: int) -> None:
+    """Rows up to the resumed checkpoint predate the kill (kept from the first attempt); the rest follow it."""
+    marker = next(Path(result.run_dir).glob(f"fault_injection-rank*-step{kill_step}.json"))
+    killed_at = json.loads(marker.read_text())["time"]
+    rows = read_metrics(result.metrics_path)
+    assert [r["step"] for r in rows if r["time"] < killed_at] == list(range(1, resumed_step + 1))
+
+
 def assert_identical(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
     assert a.keys() == b.keys()
     different = [k for k in a if not torch.equal(a[k], b[k])]
@@ -99,7 +108,7 @@ def test_dense_run_trains_and_logs(reference: TrainResult) -> None:
 
 def test_killed_worker_resumes_bit_identical(reference: TrainResult, data_dir: Path, storage: Path) -> None:
     result = run_training(make_cfg(data_dir, "fault_injection=1@5"), storage, "killed-worker")
-    assert (Path(result.run_dir) / "fault_injection-rank1-step5.json").is_file()
+    assert_resumed_at(result, kill_step=5, resumed_step=4)
     rows = read_metrics(result.metrics_path)
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
     assert_identical(weights(result), weights(reference))
@@ -111,6 +120,7 @@ def test_job_dies_and_rerun_with_same_name_resumes(reference: TrainResult, data_
     with pytest.raises(Exception, match="(?i)fail|died|exit"):
         run_training(cfg, storage, "job-dies")
     result = run_training(cfg, storage, "job-dies")  # the same command again
+    assert_resumed_at(result, kill_step=5, resumed_step=4)
     rows = read_metrics(result.metrics_path)
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
     assert_identical(weights(result), weights(reference))
@@ -121,15 +131,13 @@ def test_resume_at_fewer_workers_keeps_samples_and_optimizer(reference: TrainRes
     with pytest.raises(Exception, match="(?i)fail|died|exit"):
         run_training(make_cfg(data_dir, "fault_injection=0@5", "scaling.max_failures=0"), storage, "resize")
     result = run_training(make_cfg(data_dir, "scaling.num_workers=1"), storage, "resize")
+    assert_resumed_at(result, kill_step=5, resumed_step=4)
     rows, ref_rows = read_metrics(result.metrics_path), read_metrics(reference.metrics_path)
-    # It resumes from the last checkpoint Ray Train registered before the kill (step 2 or 4: a checkpoint
-    # reported just before the SIGKILL may not have been registered yet, and is then not used).
-    resumed = sum(r["world_size"] == 2 for r in rows)
-    assert resumed in (2, 4)
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
-    assert [r["world_size"] for r in rows] == [2] * resumed + [1] * (6 - resumed)
-    assert [r["grad_accum"] for r in rows] == [2] * resumed + [4] * (6 - resumed)
+    assert [r["world_size"] for r in rows] == [2, 2, 2, 2, 1, 1]  # resumed from the step-4 checkpoint
+    assert [r["grad_accum"] for r in rows] == [2, 2, 2, 2, 4, 4]
     assert [r["sample_hash"] for r in rows] == [r["sample_hash"] for r in ref_rows]
+    resumed = 4
     for r, ref in zip(rows[resumed:], ref_rows[resumed:], strict=True):
         assert r["loss"] == pytest.approx(ref["loss"], rel=1e-5)
     # The optimizer state was restored: weights stay within fp32 reduction-order noise of the 2-worker run

@@ -206,8 +206,9 @@ class TrainConfig:
     """torch.use_deterministic_algorithms (warn only) and fixed seeds: kill/resume gives bit-identical
     weights at the same worker count."""
     fault_injection: str | None = None
-    """Testing only: "RANK@STEP" makes that rank SIGKILL its own process, once, when it reaches STEP (a
-    marker file in the run directory keeps it from firing again after the restart)."""
+    """Testing only: "RANK@STEP" makes that rank SIGKILL its own process, once, when it reaches STEP (after
+    a 2 s pause so the checkpoint reported before is registered; a marker file in the run directory keeps
+    it from firing again after the restart)."""
 
     def __post_init__(self) -> None:
         if isinstance(self.model, str):

@@ -58,6 +58,9 @@ def _maybe_inject_fault(cfg: TrainConfig, rank: int, step: int, log_dir: Path) -
     r, s = (int(x) for x in cfg.fault_injection.split("@"))
     marker = log_dir / f"fault_injection-rank{r}-step{s}.json"
     if rank == r and step == s and not marker.exists():
+        # Give Ray Train's controller time to register the checkpoint reported before (it polls the
+        # workers); otherwise the run would sometimes resume from the one before it and tests would race.
+        time.sleep(2.0)
         marker.write_text(json.dumps({"time": time.time(), "rank": r, "step": s, "pid": os.getpid()}))
         os.kill(os.getpid(), signal.SIGKILL)
 
