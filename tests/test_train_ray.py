@@ -154,3 +154,12 @@ def test_elastic_range_starts_with_the_workers_that_fit(ray_cluster: Any, data_d
     result = run_training(cfg, storage, "elastic")
     rows = read_metrics(result.metrics_path)
     assert [(r["step"], r["world_size"], r["grad_accum"]) for r in rows] == [(1, 1, 4), (2, 1, 4)]
+
+
+@pytest.mark.slow
+def test_zero2_killed_worker_resumes_bit_identical(ray_cluster: Any, data_dir: Path, storage: Path) -> None:
+    ref = run_training(make_cfg(data_dir, "scaling.zero_stage=2"), storage, "zero2-reference")
+    result = run_training(make_cfg(data_dir, "scaling.zero_stage=2", "fault_injection=0@5"), storage, "zero2-killed")
+    assert_resumed_at(result, kill_step=5, resumed_step=4)
+    assert_identical(weights(result), weights(ref))
+    assert_identical(optimizer_state(result), optimizer_state(ref))
