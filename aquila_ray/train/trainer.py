@@ -9,6 +9,7 @@ run name and storage path resumes from the run's last registered checkpoint.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +40,8 @@ class TrainResult:
     """The run's metrics.jsonl (one row per step)."""
     run_dir: str = ""
     """``storage_path/run_name``: Ray Train's checkpoints, metrics.jsonl, wandb/, train_config.yaml."""
+    checkpoint: Any = None
+    """The last registered ``ray.train.Checkpoint`` (its filesystem reaches object storage too)."""
 
 
 def _shape(cfg: ModelConfig) -> dict[str, Any]:
@@ -136,6 +139,9 @@ def run_training(cfg: TrainConfig, storage_path: str | os.PathLike[str], run_nam
     if not run_name or "/" in run_name:
         raise ConfigError(f"run_name={run_name!r} must be a non-empty name without '/' (reruns with the same "
                           f"name resume)")
+    # workers run in their own directories: relative paths must mean what they meant to the caller
+    cfg = dataclasses.replace(cfg, data_dir=str(Path(cfg.data_dir).resolve()) if cfg.data_dir else cfg.data_dir,
+                              init_from=str(Path(cfg.init_from).resolve()) if cfg.init_from else None)
     validate(cfg)
     storage = str(storage_path)
     if _is_local(storage):
@@ -153,11 +159,13 @@ def run_training(cfg: TrainConfig, storage_path: str | os.PathLike[str], run_nam
     scaling = ScalingConfig(num_workers=workers, use_gpu=s.use_gpu,  # type: ignore[arg-type]
                             resources_per_worker={"CPU": s.cpus_per_worker, **({"GPU": 1} if s.use_gpu else {})})
     env = {k: os.environ[k] for k in WANDB_ENV if k in os.environ}
+    # Train V2 turns print() into a log record *and* tees it to a wrapped stdout: every console line twice
+    env["RAY_TRAIN_ENABLE_PRINT_PATCH"] = "0"
     run_config = RunConfig(  # type: ignore[call-arg]  # Train V2's RunConfig (the 2.60 default)
         name=run_name, storage_path=storage,
         failure_config=FailureConfig(max_failures=s.max_failures),
         checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.num_to_keep),
-        worker_runtime_env={"env_vars": env} if env else None,
+        worker_runtime_env={"env_vars": env},
     )
     trainer = TorchTrainer(
         train_loop_per_worker,
@@ -169,4 +177,4 @@ def run_training(cfg: TrainConfig, storage_path: str | os.PathLike[str], run_nam
     rows = read_metrics(metrics_path) if metrics_path.is_file() else []
     return TrainResult(checkpoint_path=result.checkpoint.path if result.checkpoint is not None else None,
                        metrics=rows[-1] if rows else dict(result.metrics or {}), metrics_path=str(metrics_path),
-                       run_dir=str(log_dir))
+                       run_dir=str(log_dir), checkpoint=result.checkpoint)

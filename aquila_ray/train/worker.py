@@ -101,6 +101,12 @@ def _sample_hash(idx: np.ndarray, dims: ParallelDims) -> str:
     return hashlib.sha1(local.numpy().tobytes()).hexdigest()[:16]
 
 
+def _grad_norm(module: torch.nn.Module) -> float:
+    """Global L2 norm of the gradients held by this process's parameters."""
+    norms = [p.grad.detach().float().norm() for p in module.parameters() if p.grad is not None]
+    return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Ray Train's ``train_loop_per_worker``; ``config`` = {"train": TrainConfig dict, "run_name", "log_dir"}."""
     import ray.train
@@ -167,6 +173,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     try:
         step = start_step
         last_row: dict[str, Any] = {}
+        # DeepSpeed clips but does not record the norm without ZeRO (stage 0, one worker): measure it here,
+        # on the accumulated gradients before the step clips them, as ZeRO reports it
+        own_grad_norm = effective_zero_stage(cfg, dims.world_size) == 0
+        grad_norm: Any = None
         while step < cfg.steps:
             _maybe_inject_fault(cfg, dims.rank, step + 1, log_dir)
             t0 = time.perf_counter()
@@ -181,14 +191,17 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 mb = x[m * cfg.micro_batch_size:(m + 1) * cfg.micro_batch_size]
                 out = engine(mb[:, :-1], labels=mb[:, 1:])
                 engine.backward(out.total_loss)
+                if m == grad_accum - 1 and own_grad_norm:
+                    grad_norm = _grad_norm(engine.module)
                 engine.step()
-                sums[0] += float(out.loss)
+                sums[0] += float(out.loss.detach())
                 if out.aux_loss is not None:
-                    sums[1] += float(out.aux_loss)
-                    sums[2] += float(out.z_loss)
+                    sums[1] += float(out.aux_loss.detach())
+                    sums[2] += float(out.z_loss.detach())
                     counts = torch.stack([s.tokens_per_expert.detach().float().cpu() for s in out.router_stats])
                     load = counts if load is None else load + counts
-            grad_norm = engine.get_global_grad_norm()
+            if not own_grad_norm:
+                grad_norm = engine.get_global_grad_norm()
             packed = torch.cat([sums / grad_accum, (load.double().flatten() if load is not None
                                                     else torch.zeros(0, dtype=torch.float64))])
             _all_reduce_sum(packed, dims.world_size)
