@@ -18,7 +18,8 @@ from typing import Any
 
 from aquila_ray.checkpoint import load_config
 from aquila_ray.config import ModelConfig, apply_overrides, load_overlay, to_dict
-from aquila_ray.upcycle import UpcycleOptions, exactly_preserving, moe_config, upcycle_checkpoint, weight_scale
+from aquila_ray.pipeline.tasks import run_scale_out
+from aquila_ray.upcycle import UpcycleOptions, exactly_preserving, moe_config, weight_scale
 from jobs.common import base_parser, print_plan, run_main
 
 
@@ -80,15 +81,7 @@ def main(argv: list[str] | None = None) -> None:
         print_plan("scale_out", {"config": to_dict(dst), "plan": plan(src, dst, options),
                                  "output": args.dst, "runner": "local" if args.local else "ray task"})
         return
-    if args.local:
-        report = upcycle_checkpoint(args.src, args.dst, dst, options, probe=not args.no_probe)
-    else:
-        import ray
-
-        if not ray.is_initialized():
-            ray.init()
-        task = ray.remote(num_cpus=1)(upcycle_checkpoint)
-        report = ray.get(task.remote(args.src, args.dst, dst, options, not args.no_probe))
+    report = run_scale_out(args.src, args.dst, dst, options, probe=not args.no_probe, local=args.local)
     print(json.dumps(report, indent=2))
 
 

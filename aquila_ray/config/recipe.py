@@ -9,10 +9,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Literal
+from pathlib import Path
+from typing import Any, Literal
 
+from aquila_ray.config.base import apply_overrides, from_dict, load_overlay, to_dict
 from aquila_ray.config.model import ModelConfig, MoEConfig
 from aquila_ray.config.presets import get_preset
+from aquila_ray.config.train import model_from_overlay
 from aquila_ray.errors import ConfigError
 
 
@@ -175,3 +178,38 @@ def get_recipe(name: str) -> RecipeConfig:
     return RECIPES[name]()
 
 
+
+
+def _merge(base: dict[str, Any], overlay: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in overlay.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _models_as_dicts(data: dict[str, Any]) -> dict[str, Any]:
+    """``small``/``large`` given as a preset name or ``{preset: NAME, ...}`` become full field mappings."""
+    for key in ("small", "large"):
+        value = data.get(key)
+        if isinstance(value, str) or (isinstance(value, dict) and "preset" in value):
+            data[key] = to_dict(model_from_overlay(value))
+    return data
+
+
+def build_recipe_config(preset: str = "tiny", overlay: dict[str, Any] | str | Path | None = None,
+                        overrides: list[str] | None = None) -> RecipeConfig:
+    """A recipe preset <- a YAML/JSON overlay <- ``a.b=value`` overrides (``--set stage_moe.steps=50``,
+    ``--set large=demo-large``). Unknown fields and invalid values raise a ConfigError before any work."""
+    data = to_dict(get_recipe(preset))
+    if overlay is not None:
+        extra = load_overlay(overlay) if isinstance(overlay, (str, Path)) else dict(overlay)
+        data = _merge(data, _models_as_dicts(extra))
+    plain: list[str] = []
+    for o in overrides or []:
+        key, _, value = o.partition("=")
+        if key.strip() in ("small", "large"):
+            data[key.strip()] = to_dict(model_from_overlay(value.strip()))
+        else:
+            plain.append(o)
+    cfg = from_dict(RecipeConfig, data)
+    return apply_overrides(cfg, plain) if plain else cfg

@@ -260,7 +260,8 @@ class TrainConfig:
         return batch
 
 
-def _model_from_overlay(value: Any) -> ModelConfig:
+def model_from_overlay(value: Any) -> ModelConfig:
+    """A model from a preset name, ``{preset: NAME, field: value...}``, a full mapping, or a ModelConfig."""
     if isinstance(value, ModelConfig):
         return value
     if isinstance(value, str):
@@ -280,13 +281,13 @@ def build_train_config(overlay: dict[str, Any] | str | Path | None = None,
     ``model`` may be a preset name or ``{preset: NAME, field: value}``; ``--set model=tiny-moe`` works too.
     """
     data = load_overlay(overlay) if isinstance(overlay, (str, Path)) else dict(overlay or {})
-    model = _model_from_overlay(data.pop("model", "tiny"))
+    model = model_from_overlay(data.pop("model", "tiny"))
     model_overrides: list[str] = []
     rest: list[str] = []
     for o in overrides or []:
         key = o.split("=", 1)[0].strip()
         if key == "model":
-            model = _model_from_overlay(o.split("=", 1)[1].strip())
+            model = model_from_overlay(o.split("=", 1)[1].strip())
         elif key.startswith("model."):
             model_overrides.append(o[len("model."):])
         else:

@@ -100,7 +100,7 @@ def multiple_choice(model: torch.nn.Module, tokenizer: Any, tasks: list[dict[str
                     max_len: int | None = None) -> dict[str, Any]:
     """Accuracy of perplexity-based choice; ``tokenizer`` is a ``tokenizers.Tokenizer``."""
     model.eval()
-    limit: int = max_len or int(model.config.max_seq_len)  # type: ignore[union-attr]
+    limit: int = max_len or int(model.config.max_seq_len)  # type: ignore[union-attr,arg-type]
     correct, chance = 0, 0.0
     for item in tasks:
         prompt = tokenizer.encode(item["question"]).ids

@@ -3,7 +3,7 @@
 Papers: Net2Net (arXiv 1511.05641) and bert2BERT (ACL 2022) for FPI and AKI; Apollo (arXiv 2401.09192) for
 depth by interpolation; AquilaMoE (arXiv 2408.06567) for AKI-Pro and GQA compatibility. The math is in
 DESIGN.md "Scale-Up" and docs/growth.md. Nothing here imports ray (the Ray task is
-``aquila_ray.pipeline.tasks.scale_up_task``).
+``aquila_ray.pipeline.tasks.run_scale_up``).
 
     plan = make_plan(src_cfg, dst_cfg, GrowthConfig(method="fpi", depth_mode="identity"))
     grown = grow_state_dict(state_dict, src_cfg, dst_cfg, plan.options)   # weights of plan.dst

@@ -17,7 +17,7 @@ SMOOTH = 0.9
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     """Rows of a metrics.jsonl file (one JSON object per line), skipping a torn last line."""
-    rows = []
+    rows: list[dict[str, Any]] = []
     p = Path(path)
     if not p.is_file():
         return rows

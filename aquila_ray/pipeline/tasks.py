@@ -1,40 +1,45 @@
 """The weight transforms between EfficientScale's training stages as Ray tasks (AquilaMoE, arXiv 2408.06567).
 
-``scale_up_task`` grows a checkpoint (``aquila_ray.growth.grow_checkpoint``: FPI, AKI or AKI-Pro) and returns
-its report. It is a plain function, usable directly; ``scale_up_remote`` wraps it as a Ray task that asks
-for ``num_cpus`` and ``memory`` so that on a cluster it lands on a node with enough memory, and
-``run_scale_up`` runs it on the current Ray cluster (or starts one, or runs in-process with ``local``).
-Ray is imported only inside the functions that need it.
+``run_task`` runs any function as a Ray task that asks for ``num_cpus`` and ``memory`` so that on a cluster it
+lands on a node with enough memory (or in-process with ``local``). ``run_scale_up`` grows a checkpoint
+(``aquila_ray.growth.grow_checkpoint``: FPI, AKI or AKI-Pro), ``run_scale_out`` upcycles one
+(``aquila_ray.upcycle.upcycle_checkpoint``); both return the transform's report. Ray is imported only
+inside ``run_task``.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from aquila_ray.checkpoint import load_config
 from aquila_ray.config import ModelConfig
 from aquila_ray.config.growth import GrowthConfig
 from aquila_ray.growth import grow_checkpoint, make_plan
 from aquila_ray.growth.checkpoint import memory_estimate_bytes
+from aquila_ray.upcycle import UpcycleOptions, check_compatible, upcycle_checkpoint
+
+T = TypeVar("T")
 
 DEFAULT_SHARD_BYTES = 2 * 1024**3
 
 
-def scale_up_task(src: str | Path, dst: str | Path, growth_cfg: GrowthConfig, target_cfg: ModelConfig,
-                  max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> dict[str, Any]:
-    """Grow the checkpoint ``src`` into ``target_cfg``'s shape at ``dst``; returns growth_report.json's dict."""
-    return grow_checkpoint(src, dst, target_cfg, growth_cfg, max_shard_bytes=max_shard_bytes)
-
-
-def scale_up_remote(num_cpus: float = 1.0, memory: int | None = None) -> Any:
-    """``scale_up_task`` as a Ray remote function with these resources (``memory`` in bytes)."""
+def run_task(fn: Callable[..., T], *args: Any, local: bool = False, num_cpus: float = 1.0,
+             memory: int | None = None) -> T:
+    """``fn(*args)`` as a Ray task asking for ``num_cpus`` and ``memory`` bytes (so a cluster places it on a
+    node that has them), on the connected cluster (``ray.init()`` if none); in this process with ``local``.
+    A task is not retried: the transforms write atomically, and a failure should reach the user."""
+    if local:
+        return fn(*args)
     import ray
 
+    if not ray.is_initialized():
+        ray.init()
     options: dict[str, Any] = {"num_cpus": num_cpus, "max_retries": 0}
     if memory is not None:
         options["memory"] = int(memory)
-    return ray.remote(scale_up_task).options(**options)
+    return ray.get(ray.remote(fn).options(**options).remote(*args))
 
 
 def scale_up_memory(src: str | Path, growth_cfg: GrowthConfig, target_cfg: ModelConfig,
@@ -53,11 +58,16 @@ def run_scale_up(src: str | Path, dst: str | Path, growth_cfg: GrowthConfig, tar
     """
     if memory is None:
         memory = scale_up_memory(src, growth_cfg, target_cfg, max_shard_bytes)  # also validates the growth
-    if local:
-        return scale_up_task(src, dst, growth_cfg, target_cfg, max_shard_bytes)
-    import ray
+    return dict(run_task(grow_checkpoint, str(src), str(dst), target_cfg, growth_cfg, max_shard_bytes, local=local,
+                         num_cpus=num_cpus, memory=memory))
 
-    if not ray.is_initialized():
-        ray.init()
-    ref = scale_up_remote(num_cpus, memory).remote(str(src), str(dst), growth_cfg, target_cfg, max_shard_bytes)
-    return dict(ray.get(ref))
+
+def run_scale_out(src: str | Path, dst: str | Path, moe_cfg: ModelConfig, options: UpcycleOptions | None = None,
+                  *, probe: bool = True, local: bool = False, num_cpus: float = 1.0) -> dict[str, Any]:
+    """Upcycle the dense checkpoint ``src`` into ``moe_cfg`` at ``dst`` as a Ray task (or in-process with
+    ``local``); returns upcycle_report.json's dict. The task reserves the dense and the MoE weights in fp32."""
+    dense = load_config(src)
+    check_compatible(dense, moe_cfg)  # before any task is scheduled
+    memory = 4 * (dense.num_params() + moe_cfg.num_params())
+    return dict(run_task(upcycle_checkpoint, str(src), str(dst), moe_cfg, options or UpcycleOptions(), probe,
+                         local=local, num_cpus=num_cpus, memory=memory))

@@ -1,0 +1,58 @@
+"""The whole EfficientScale recipe (AquilaMoE, arXiv 2408.06567) as one resumable job.
+
+    python -m jobs.efficientscale --preset tiny --output runs/quickstart          # CPU, bundled sample corpus
+    python -m jobs.efficientscale --preset aquila3-efficientscale --output X --dry-run   # plan the seed's run
+    python -m jobs.efficientscale --config recipe.yaml --output /mnt/shared/es1 --storage-path s3://B/runs
+
+Stages: data -> train_small -> scale_up -> train_large -> scale_out -> train_moe -> evaluate. Rerunning the
+same command resumes at the first unfinished stage (and a training stage from its last checkpoint).
+``--set`` overrides any RecipeConfig field (``stage_small.steps=300``, ``growth.method=aki-pro``,
+``upcycle=online``, ``large=demo-large``, ``data_dir=PREPARED_DIR``). Writes DIR/report.json and
+DIR/loss_vs_flops.png.
+"""
+
+from __future__ import annotations
+
+import json
+
+from jobs.common import base_parser, print_plan, run_main
+
+
+def main(argv: list[str] | None = None) -> None:
+    from aquila_ray.config.recipe import RECIPES
+
+    parser = base_parser(__doc__ or "")
+    parser.add_argument("--preset", default="tiny", choices=sorted(RECIPES), help="recipe preset")
+    parser.add_argument("--output", required=True, help="run directory (stages/, report.json, data/)")
+    parser.add_argument("--storage-path", default=None, help="where Ray Train keeps stage runs (default OUTPUT/runs)")
+    parser.add_argument("--run-name", default=None, help="names the stage runs and the W&B group (default: "
+                        "OUTPUT's name)")
+    parser.add_argument("--until", default=None, help="stop after this stage (data, train_small, scale_up, "
+                        "train_large, scale_out, train_moe, evaluate)")
+    parser.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or a local one)")
+    parser.add_argument("--local-tasks", action="store_true", help="run growth/upcycling/eval in this process")
+    args = parser.parse_args(argv)
+    from aquila_ray.config.base import to_dict
+    from aquila_ray.config.recipe import build_recipe_config
+    from aquila_ray.pipeline.efficientscale import plan_recipe, run_efficientscale
+
+    cfg = build_recipe_config(args.preset, args.config, args.overrides)
+    if args.dry_run:
+        print_plan("recipe", to_dict(cfg))
+        print_plan("plan", plan_recipe(cfg))
+        return
+    report = run_efficientscale(cfg, args.output, storage_path=args.storage_path, run_name=args.run_name,
+                                until=args.until, ray_address=args.address, local_tasks=args.local_tasks)
+    summary = {"output": args.output,
+               "stages": [{k: s[k] for k in ("name", "steps", "start_loss", "end_loss", "validation_loss")}
+                          for s in report["stages"]],
+               "transitions": [{k: t[k] for k in ("name", "loss_before", "loss_after", "relative_change",
+                                                  "steps_to_recover")} for t in report["transitions"]]}
+    if "evaluation" in report:
+        summary["multiple_choice_accuracy"] = {k: v.get("multiple_choice", {}).get("accuracy")
+                                               for k, v in report["evaluation"].items()}
+    print(json.dumps(summary, indent=2))
+
+
+if __name__ == "__main__":
+    run_main(main)

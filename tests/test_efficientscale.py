@@ -1,0 +1,194 @@
+"""EfficientScale end to end: recipe config, the --dry-run plan, and the tiny pipeline on a local Ray cluster.
+
+The pipeline test runs the ``tiny`` recipe with fewer steps (on the bundled sample corpus) in two goes:
+first ``until="scale_up"``, then the rest; a third run after deleting the last stages' markers must not
+redo any training step. It checks the recipe's claims on the run report: exact FPI growth and upcycling
+keep the validation loss within 1%, and the MoE stage ends below the dense stages.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from aquila_ray.config.recipe import build_recipe_config
+from aquila_ray.errors import ConfigError
+from aquila_ray.pipeline.efficientscale import STAGE_NAMES, plan_recipe, run_efficientscale
+from aquila_ray.pipeline.stages import MARKER
+
+# ---------------------------------------------------------------------------------------------- config, plan
+
+
+def test_recipe_overrides_and_model_presets() -> None:
+    cfg = build_recipe_config("tiny", {"large": "demo-large", "stage_moe": {"steps": 7}},
+                              ["small=demo-small", "growth.method=aki-pro", "stage_small.lr=1e-3"])
+    assert cfg.small.hidden_size == 256 and cfg.large.hidden_size == 320
+    assert cfg.stage_moe.steps == 7 and cfg.stage_small.lr == 1e-3 and cfg.growth.method == "aki-pro"
+    assert cfg.stage_large.steps == 100  # untouched fields keep the preset's value
+
+
+def test_recipe_errors_name_the_field() -> None:
+    with pytest.raises(ConfigError, match=r"unknown field\(s\) \['stage_small.stepz'\]"):
+        build_recipe_config("tiny", {"stage_small": {"stepz": 3}})
+    with pytest.raises(ConfigError, match=r"growth.method='net2net' is not valid; choose one of \['fpi', 'aki', "):
+        build_recipe_config("tiny", None, ["growth.method=net2net"])
+    with pytest.raises(ConfigError, match=r"unknown recipe preset 'huge'; valid presets: \['aquila3-efficientscale'"):
+        build_recipe_config("huge")
+    with pytest.raises(ConfigError, match=r"StageConfig.steps=0 must be a positive integer"):
+        build_recipe_config("tiny", None, ["stage_moe.steps=0"])
+
+
+def test_plan_rejects_a_large_model_smaller_than_small() -> None:
+    cfg = build_recipe_config("tiny", None, ["large=tiny", "small=tiny-large"])
+    with pytest.raises(ConfigError, match="hidden_size"):
+        plan_recipe(cfg)
+
+
+def test_aquila3_recipe_plan() -> None:
+    """The seed's recipe: 7B -> 16B (AKI-Pro) -> 8x16B top-2, LR 1.2e-3 / 4e-4 / 1.5e-4, 12M / 12M / 24M tokens."""
+    plan = plan_recipe(build_recipe_config("aquila3-efficientscale"))
+    small, large, moe = plan["train_small"], plan["train_large"], plan["train_moe"]
+    assert 7.0e9 < small["parameters"] < 8.5e9
+    assert 15e9 < large["parameters"] < 17e9
+    assert 95e9 < moe["parameters"] < 110e9 and 25e9 < moe["active_parameters"] < 32e9
+    assert [small["lr"], large["lr"], moe["lr"]] == [1.2e-3, 4e-4, 1.5e-4]
+    assert [p["global_batch_tokens"] // 2**20 for p in (small, large, moe)] == [12, 12, 24]
+    assert [p["tokens"] for p in (small, large, moe)] == [3.6e12, 1.2e12, 545e9]
+    assert plan["scale_up"]["method"] == "aki-pro" and moe["expert_parallel"] == 8
+    assert plan["scale_out"]["moe"]["num_experts"] == 8 and plan["scale_out"]["moe"]["top_k"] == 2
+    for p in (small, large, moe):  # memory per GPU under ZeRO-1 (+ EP for the MoE) is reported and plausible
+        assert 1 < p["memory_per_gpu_gib"]["total"] < 141
+        assert p["flops_per_token"] == pytest.approx(6 * p["active_parameters"], rel=0.25)
+    # the layer map of AKI-Pro's depth interpolation (32 -> 40 duplicates layers 0, 4, ..., 28)
+    assert plan["scale_up"]["plan"]["layer_map"].startswith("[0,0,1,2,3,4,4,")
+
+
+def test_dry_run_job_prints_the_plan(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    from jobs.efficientscale import main
+
+    main(["--preset", "aquila3-efficientscale", "--output", str(tmp_path / "x"), "--dry-run"])
+    out = capsys.readouterr().out
+    assert "== plan ==" in out and '"total_training_flops"' in out and "MoE 8x top-2" in out
+    assert not (tmp_path / "x").exists()  # a dry run writes nothing
+
+
+def test_until_must_name_a_stage(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"until='train' is not a stage; valid: \['data', 'train_small'"):
+        run_efficientscale(build_recipe_config("tiny"), tmp_path, until="train")
+
+
+# ---------------------------------------------------------------------------------------------- the pipeline
+STEPS = ["stage_small.steps=60", "stage_large.steps=30", "stage_moe.steps=40", "stage_small.checkpoint_every=30",
+         "stage_large.checkpoint_every=30", "stage_moe.checkpoint_every=20", "eval_max_sequences=32"]
+
+
+@pytest.fixture(scope="module")
+def ray_cluster() -> Any:
+    import ray
+
+    os.environ.setdefault("WANDB_MODE", "offline")
+    ray.init(address="local", num_cpus=3, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+def markers(root: Path) -> dict[str, str]:
+    return {n: (root / "stages" / n / MARKER).read_text() for n in STAGE_NAMES
+            if (root / "stages" / n / MARKER).is_file()}
+
+
+@pytest.fixture(scope="module")
+def run(ray_cluster: Any, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    root = tmp_path_factory.mktemp("es") / "tinyrun"
+    cfg = build_recipe_config("tiny", None, STEPS)
+    first = run_efficientscale(cfg, root, until="scale_up")
+    after_first = markers(root)
+    report = run_efficientscale(cfg, root)
+    return {"root": root, "first": first, "after_first": after_first, "report": report, "cfg": cfg}
+
+
+@pytest.mark.ray
+def test_until_stops_and_rerun_resumes_at_the_next_stage(run: dict[str, Any]) -> None:
+    assert sorted(run["after_first"]) == ["data", "scale_up", "train_small"]
+    assert [s["name"] for s in run["first"]["stages"]] == ["train_small"]
+    after = markers(run["root"])
+    assert sorted(after) == sorted(STAGE_NAMES)
+    for name, text in run["after_first"].items():  # finished stages were not redone
+        assert after[name] == text
+
+
+@pytest.mark.ray
+def test_transitions_preserve_the_loss(run: dict[str, Any]) -> None:
+    """Exact FPI (identity depth, exact norms) and upcycling (G=1, renormalized top-2, dropless): the
+    validation loss just after the transform is within 1% of the loss just before (in fact ~1e-7)."""
+    trans = {t["name"]: t for t in run["report"]["transitions"]}
+    assert set(trans) == {"scale_up", "scale_out"}
+    for t in trans.values():
+        assert abs(t["relative_change"]) < 0.01, t
+        assert abs(t["loss_after"] - t["loss_before"]) < 1e-4, t
+    stages = {s["name"]: s for s in run["report"]["stages"]}
+    # the loss before each transform is the previous stage's final checkpoint's validation loss
+    assert trans["scale_up"]["loss_before"] == pytest.approx(stages["train_small"]["validation_loss"], rel=1e-6)
+    assert trans["scale_out"]["loss_before"] == pytest.approx(stages["train_large"]["validation_loss"], rel=1e-6)
+
+
+@pytest.mark.ray
+def test_moe_stage_ends_below_the_dense_stages(run: dict[str, Any]) -> None:
+    stages = {s["name"]: s for s in run["report"]["stages"]}
+    assert [stages[n]["steps"] for n in ("train_small", "train_large", "train_moe")] == [60, 30, 40]
+    moe, large, small = (stages[n]["validation_loss"] for n in ("train_moe", "train_large", "train_small"))
+    assert moe < large < small
+    assert stages["train_moe"]["end_loss_smoothed"] < stages["train_large"]["end_loss_smoothed"]
+    # FLOPs per stage: the MoE's active parameters per token > the large dense model's (router + same MLP x k)
+    assert stages["train_moe"]["flops"] > stages["train_large"]["flops"] * 40 / 30
+
+
+@pytest.mark.ray
+def test_report_files_and_stage_outputs(run: dict[str, Any]) -> None:
+    import torch
+
+    import aquila_ray
+
+    root: Path = run["root"]
+    report = json.loads((root / "report.json").read_text())
+    assert report == json.loads(json.dumps(run["report"]))
+    assert (root / "loss_vs_flops.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    ev = report["evaluation"]
+    assert sorted(ev) == ["train_large", "train_moe", "train_small"]
+    for r in ev.values():
+        assert r["validation"]["sequences"] == 32 and 0 <= r["multiple_choice"]["accuracy"] <= 1
+        assert r["multiple_choice"]["items"] == 100
+    moe = aquila_ray.load_model(root / "stages" / "train_moe" / "final")
+    assert moe.config.moe is not None and moe.config.moe.num_experts == 8
+    assert moe(torch.tensor([[1, 2, 3]])).logits.shape == (1, 3, moe.config.vocab_size)
+    # a stage's exported model holds no optimizer state
+    assert not list((root / "stages" / "train_small" / "final").glob("optimizer*"))
+    # all stages log to one W&B group: the run's name
+    for stage in ("train_small", "train_large", "train_moe"):
+        cfg_text = (root / "runs" / f"tinyrun.{stage}" / "train_config.yaml").read_text()
+        assert "group: tinyrun" in cfg_text
+
+
+@pytest.mark.ray
+def test_stage_interrupted_after_training_resumes_without_new_steps(run: dict[str, Any]) -> None:
+    """Delete train_moe's and evaluate's markers (as if the job died after training, before the marker):
+    the rerun restores Ray Train's registered final checkpoint, trains no step, and ends where it was."""
+    from aquila_ray.checkpoint import load_state_dict
+
+    root: Path = run["root"]
+    before = load_state_dict(root / "stages" / "train_moe" / "final")[0]
+    rows_before = (root / "runs" / "tinyrun.train_moe" / "metrics.jsonl").read_text()
+    kept = markers(root)
+    for name in ("train_moe", "evaluate"):
+        (root / "stages" / name / MARKER).unlink()
+    run_efficientscale(run["cfg"], root)
+    after = load_state_dict(root / "stages" / "train_moe" / "final")[0]
+    assert all(bool((before[k] == after[k]).all()) for k in before)
+    assert (root / "runs" / "tinyrun.train_moe" / "metrics.jsonl").read_text() == rows_before
+    now = markers(root)
+    for name in ("data", "train_small", "scale_up", "train_large", "scale_out"):
+        assert now[name] == kept[name]
