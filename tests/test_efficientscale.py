@@ -119,6 +119,10 @@ def test_until_stops_and_rerun_resumes_at_the_next_stage(run: dict[str, Any]) ->
     assert sorted(after) == sorted(STAGE_NAMES)
     for name, text in run["after_first"].items():  # finished stages were not redone
         assert after[name] == text
+    # each stage continues the sample stream where the previous one stopped (16 sequences a step)
+    m = {n: json.loads(t) for n, t in after.items()}
+    assert m["train_large"]["data_start"] == m["train_small"]["data_position"] == 60 * 16
+    assert m["train_moe"]["data_start"] == m["train_large"]["data_position"] == (60 + 30) * 16
 
 
 @pytest.mark.ray

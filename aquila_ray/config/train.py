@@ -184,6 +184,9 @@ class TrainConfig:
     """Sequences per worker per forward/backward; gradient accumulation = per-worker batch / this."""
     seed: int = 0
     """Seeds the model init, the data order (a permutation per epoch) and the router init."""
+    data_start: int = 0
+    """Position in the sample stream where a fresh run starts (a resumed run continues from its own): a
+    continued-pretraining stage passes the previous stage's end so the token stream continues, not replays."""
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     """AdamW and clipping."""
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
@@ -213,6 +216,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if isinstance(self.model, str):
             self.model = get_preset(self.model)
+        if not isinstance(self.data_start, int) or self.data_start < 0:
+            raise ConfigError(f"TrainConfig.data_start={self.data_start!r} must be an integer >= 0")
         _check_positive_int("TrainConfig", steps=self.steps, global_batch_tokens=self.global_batch_tokens,
                             micro_batch_size=self.micro_batch_size, log_every=self.log_every)
         if self.init != "scratch" and not self.init_from:
@@ -299,12 +304,13 @@ def build_train_config(overlay: dict[str, Any] | str | Path | None = None,
 
 
 def stage_train_config(stage: Any, model: ModelConfig, data_dir: str, *, init: str = "scratch",
-                       init_from: str | None = None, seed: int = 0, wandb_project: str = "aquila-ray",
-                       wandb_group: str | None = None) -> TrainConfig:
+                       init_from: str | None = None, seed: int = 0, data_start: int = 0,
+                       wandb_project: str = "aquila-ray", wandb_group: str | None = None) -> TrainConfig:
     """The TrainConfig of one EfficientScale stage (``aquila_ray.config.recipe.StageConfig``: steps, lr,
     schedule, batch, workers, ZeRO stage, expert parallelism, eval and checkpoint frequency)."""
     return TrainConfig(
         model=model, data_dir=data_dir, init=init, init_from=init_from, steps=stage.steps,  # type: ignore[arg-type]
+        data_start=data_start,
         global_batch_tokens=stage.global_batch_tokens, micro_batch_size=stage.micro_batch_size, seed=seed,
         optimizer=OptimizerConfig(lr=stage.lr, weight_decay=stage.weight_decay, grad_clip=stage.grad_clip),
         schedule=ScheduleConfig(kind=stage.schedule, warmup_steps=stage.warmup_steps,

@@ -148,6 +148,11 @@ def export_model(checkpoint: Any, dst: Path) -> Path:
     return dst
 
 
+def data_position(checkpoint: str | Path) -> int:
+    """Where in the sample stream the run that wrote ``checkpoint`` stopped (its trainer_state.json)."""
+    return int(json.loads((Path(checkpoint) / "trainer_state.json").read_text())["data_position"])
+
+
 def _val_loss(rows: list[dict[str, Any]]) -> float | None:
     vals = [r["val_loss"] for r in rows if "val_loss" in r]
     return float(vals[-1]) if vals else None
@@ -204,8 +209,12 @@ class _Run:
             init, init_from = "checkpoint", outs["scale_out"]["checkpoint"]
             model = load_config(init_from)
         stage: StageConfig = getattr(self.cfg, TRAIN_STAGES[name])
+        # the token stream continues where the previous stage stopped (no replay of what it has seen)
+        prev = {"train_large": "train_small", "train_moe": "train_large"}.get(name)
+        start = data_position(outs[prev]["checkpoint"]) if prev else 0
         tc = stage_train_config(stage, model, outs["data"]["data_dir"], init=init, init_from=init_from,
-                                seed=self.cfg.seed, wandb_project=self.cfg.wandb_project, wandb_group=self.name)
+                                seed=self.cfg.seed, data_start=start, wandb_project=self.cfg.wandb_project,
+                                wandb_group=self.name)
         tc = dataclasses.replace(tc, eval_max_sequences=self.cfg.eval_max_sequences)
         result = run_training(tc, self.storage, f"{self.name}.{name}")
         if result.checkpoint is None:
@@ -215,6 +224,7 @@ class _Run:
             shutil.copyfile(result.metrics_path, d / "metrics.jsonl")
         rows = read_metrics(d / "metrics.jsonl")
         return {"checkpoint": str(final), "model": model.describe(), "init": init, "init_from": init_from,
+                "data_start": start, "data_position": data_position(final),
                 "train_run": result.run_dir, "steps": rows[-1]["step"] if rows else None,
                 "final_loss": rows[-1]["loss"] if rows else None, "validation_loss": _val_loss(rows)}
 

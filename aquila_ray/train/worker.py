@@ -148,7 +148,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     engine = build_engine(model, cfg, cfg.micro_batch_size, grad_accum, dims.world_size, ep)
     module = engine.module
 
-    state: dict[str, Any] = {"step": 0, "consumed_samples": 0, "consumed_tokens": 0, "cumulative_flops": 0.0}
+    state: dict[str, Any] = {"step": 0, "consumed_samples": cfg.data_start, "consumed_tokens": 0,
+                             "cumulative_flops": 0.0}
     if resumed is not None:
         load_master_weights(engine, module, resumed.model_state)
         load_optimizer_state(engine, module, resumed.optimizer_state, resumed.optimizer_step, dims)
