@@ -21,6 +21,7 @@ import argparse
 import dataclasses
 import json
 import platform
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -40,6 +41,8 @@ from aquila_ray.train.metrics import read_metrics
 from aquila_ray.upcycle import moe_config
 
 RESULTS = Path(__file__).resolve().parent / "results"
+# bench/data_pipeline.py would shadow the data_pipeline package when this script's folder leads sys.path
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != RESULTS.parent]
 METHODS: tuple[GrowthMethod, ...] = ("fpi", "aki", "aki-pro")
 EVAL_SEQUENCES = 117  # the sample corpus's whole validation split
 

@@ -68,7 +68,7 @@ def test_seed_presets_sizes_on_paper_and_on_meta_device() -> None:
     assert 27e9 <= moe.num_params(active=True) <= 31e9
     b7 = get_preset("aquila3-7b")
     assert (b7.head_dim, b16.head_dim, b7.num_kv_heads, b16.num_kv_heads) == (128, 128, 8, 8)
-    for cfg in (b7, b16):  # the analytic count is what the module really holds
+    for cfg in (b7, b16, moe):  # the analytic count is what the module really holds
         assert build_model(cfg, device="meta").num_params() == cfg.num_params()
 
 

@@ -285,6 +285,9 @@ def test_target_keys_and_shapes_match_the_model(tie: bool) -> None:
 BAD = [
     (dict(hidden_size=24, num_heads=6), "target hidden_size=24 is smaller than the source's 32"),
     (dict(num_layers=1), "target num_layers=1 is smaller than the source's 2; growth never shrinks"),
+    (dict(intermediate_size=36), "target intermediate_size=36 is smaller than the source's 40"),
+    (dict(hidden_size=16, num_heads=4, num_kv_heads=1), "target hidden_size=16 is smaller than the source's 32"),
+    (dict(max_seq_len=16), "target max_seq_len=16 is smaller than the source's 32"),
     (dict(hidden_size=48, num_heads=8), r"target head_dim=6 .* differs from the source's head_dim=4; .*= 12"),
     (dict(vocab_size=100), r"target vocab_size=100 differs from the source's 97; the vocabulary"),
     (dict(rope_theta=500_000.0), r"target rope_theta=500000.0 differs .* RoPE settings are fixed"),

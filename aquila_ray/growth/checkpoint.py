@@ -187,7 +187,9 @@ def function_preserving(plan: GrowthPlan) -> bool:
     if plan.src.num_layers != plan.dst.num_layers and plan.depth_mode != "identity":
         return False
     if plan.options.norm_mode == "paper":
-        return len(set(plan.hidden.counts())) == 1 and not plan.src.tie_embeddings or plan.hidden.is_identity
+        # plain 1/c splitting is exact only when every hidden unit has the same number of copies (untied)
+        equal_copies = len(set(plan.hidden.counts())) == 1 and not plan.src.tie_embeddings
+        return equal_copies or plan.hidden.is_identity
     return True
 
 

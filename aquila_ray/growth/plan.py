@@ -96,7 +96,7 @@ def validate_growth(src: ModelConfig, dst: ModelConfig, options: GrowthConfig) -
         raise ConfigError("growth works on dense models: source moe="
                           f"{'set' if src.moe else 'null'}, target moe={'set' if dst.moe else 'null'}; grow the "
                           "dense model first, then upcycle it (python -m jobs.scale_out)")
-    for name in ("hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads"):
+    for name in ("hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads", "max_seq_len"):
         a, b = getattr(src, name), getattr(dst, name)
         if b < a:
             raise ConfigError(f"target {name}={b} is smaller than the source's {a}; growth never shrinks a "
