@@ -190,3 +190,18 @@ def test_job_dry_run_prints_config_and_plan(data_dir: Path, tmp_path: Path, caps
     out = capsys.readouterr().out
     assert '"steps": 3' in out and '"global_batch_sequences": 8' in out
     assert not (tmp_path / "runs").exists()
+
+
+def test_wandb_mode_is_offline_unless_the_user_says_otherwise(monkeypatch: pytest.MonkeyPatch) -> None:
+    from aquila_ray.config.train import WandbConfig
+    from aquila_ray.train.metrics import wandb_mode
+
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    assert wandb_mode(WandbConfig()) == "offline"
+    monkeypatch.setenv("WANDB_API_KEY", "k" * 40)
+    assert wandb_mode(WandbConfig()) == "online"
+    monkeypatch.setenv("WANDB_MODE", "offline")  # an explicit WANDB_MODE wins over the key
+    assert wandb_mode(WandbConfig()) == "offline"
+    assert wandb_mode(WandbConfig(mode="disabled")) == "disabled"  # the config wins over the environment
+    assert wandb_mode(WandbConfig(enabled=False, mode="online")) == "disabled"
