@@ -14,6 +14,7 @@ DIR/loss_vs_flops.png.
 from __future__ import annotations
 
 import json
+import logging
 
 from jobs.common import base_parser, print_plan, run_main
 
@@ -37,6 +38,11 @@ def main(argv: list[str] | None = None) -> None:
     from aquila_ray.pipeline.efficientscale import plan_recipe, run_efficientscale
 
     cfg = build_recipe_config(args.preset, args.config, args.overrides)
+    log = logging.getLogger("aquila_ray.pipeline")  # "stage X: starting / done / already done, skipping"
+    log.setLevel(logging.INFO)
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("[aquila-ray] %(message)s"))
+    log.addHandler(handler)
     if args.dry_run:
         print_plan("recipe", to_dict(cfg))
         print_plan("plan", plan_recipe(cfg))
