@@ -32,6 +32,7 @@ from aquila_ray.errors import ConfigError
 from aquila_ray.pipeline.plan import stage_plan
 from aquila_ray.pipeline.report import build_report, plot_loss_vs_flops, read_metrics
 from aquila_ray.pipeline.stages import Stage, run_stages, stage_dir
+from aquila_ray.upcycle import UpcycleOptions
 
 log = logging.getLogger("aquila_ray.pipeline")
 
@@ -81,12 +82,6 @@ def growth_config(cfg: RecipeConfig) -> GrowthConfig:
     return GrowthConfig(method=g.method, depth_mode=g.depth_mode, norm_mode=g.norm_mode, map=g.map, seed=cfg.seed)
 
 
-def _upcycle_options(cfg: RecipeConfig) -> Any:
-    from aquila_ray.upcycle import UpcycleOptions
-
-    return UpcycleOptions(seed=cfg.seed)
-
-
 def plan_recipe(cfg: RecipeConfig, seq_len: int | None = None, vocab_size: int | None = None) -> dict[str, Any]:
     """Per stage: parameters, active parameters, FLOPs per token, tokens, memory per GPU under the stage's
     ZeRO stage and expert parallelism; per transform: what it does. Validates the whole recipe."""
@@ -115,7 +110,7 @@ def plan_recipe(cfg: RecipeConfig, seq_len: int | None = None, vocab_size: int |
     out["scale_out"] = {"runs_as": "Ray task (offline)" if cfg.upcycle == "offline" else
                         "online, inside train_moe (each expert-parallel rank builds its experts)",
                         "moe": to_dict(models.moe.moe), "exactly_preserving_expected":
-                        exactly_preserving(models.moe, _upcycle_options(cfg))}
+                        exactly_preserving(models.moe, UpcycleOptions(seed=cfg.seed))}
     out["evaluate"] = {"checkpoints": ["train_small", "train_large", "train_moe"],
                        "validation_max_sequences": cfg.eval_max_sequences, "tasks": cfg.eval_tasks}
     out["total_training_flops"] = total
@@ -251,7 +246,7 @@ class _Run:
         from aquila_ray.checkpoint import load_config
 
         moe = moe_model(self.cfg, load_config(src))
-        report = run_scale_out(src, dst, moe, _upcycle_options(self.cfg), local=self.local)
+        report = run_scale_out(src, dst, moe, UpcycleOptions(seed=self.cfg.seed), local=self.local)
         return {"mode": "offline", "checkpoint": str(dst), "method": report["method"], "probe": report.get("probe"),
                 "parameters": report["parameters"], "loss_before": before,
                 "loss_after": self.evaluate(str(dst), data_dir)["validation"]["loss"]}

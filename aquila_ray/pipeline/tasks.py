@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from aquila_ray.checkpoint import load_config
+from aquila_ray.checkpoint.io import DEFAULT_SHARD_BYTES
 from aquila_ray.config import ModelConfig
 from aquila_ray.config.growth import GrowthConfig
 from aquila_ray.growth import grow_checkpoint, make_plan
@@ -21,8 +22,6 @@ from aquila_ray.growth.checkpoint import memory_estimate_bytes
 from aquila_ray.upcycle import UpcycleOptions, check_compatible, upcycle_checkpoint
 
 T = TypeVar("T")
-
-DEFAULT_SHARD_BYTES = 2 * 1024**3
 
 
 def run_task(fn: Callable[..., T], *args: Any, local: bool = False, num_cpus: float = 1.0,
