@@ -120,3 +120,72 @@ def test_failed_write_leaves_previous_checkpoint_intact(saved, monkeypatch: pyte
     assert [p.name for p in path.parent.iterdir()] == ["ckpt"]  # no temporary directory left
     sd, _ = load_state_dict(path)
     assert torch.equal(sd["norm.weight"], model.state_dict()["norm.weight"])
+
+
+def test_shard_error_on_the_writer_thread_reaches_the_caller(saved, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Shards are written on a background thread; its error surfaces in save_checkpoint and nothing is left."""
+    import aquila_ray.checkpoint.io as io
+
+    path, model = saved
+    real_save, calls = io.save_file, []
+
+    def save_then_fail(tensors, filename, metadata=None):
+        calls.append(filename)
+        if len(calls) == 3:
+            raise OSError("No space left on device")
+        real_save(tensors, filename, metadata=metadata)
+
+    monkeypatch.setattr(io, "save_file", save_then_fail)
+    with pytest.raises(OSError, match="No space left on device"):
+        save_checkpoint(path, {k: v * 2 for k, v in model.state_dict().items()}, model.config, max_shard_bytes=10_000)
+    assert len(calls) == 3  # the writer stopped at the failed shard
+    assert [p.name for p in path.parent.iterdir()] == ["ckpt"]
+    sd, _ = load_state_dict(path)
+    assert torch.equal(sd["norm.weight"], model.state_dict()["norm.weight"])
+
+
+def test_index_hashes_are_the_files_sha256_for_every_dtype(tmp_path: Path) -> None:
+    """The writer hashes shards from memory; the index must still hold each file's real SHA-256."""
+    import hashlib
+
+    from aquila_ray.checkpoint.io import CheckpointWriter, _sha256_written
+
+    gen = torch.Generator().manual_seed(0)
+    tensors = {"a": torch.randn(33, 7, generator=gen), "b": torch.randn(5, generator=gen).to(torch.bfloat16),
+               "c": torch.tensor(True), "d": torch.empty(0, 4), "e": torch.arange(9), "f": torch.randn(3).half(),
+               "g": torch.tensor(2.5, dtype=torch.float64), "h": torch.randn(4, 6, generator=gen).t()}
+    with CheckpointWriter(tmp_path / "c", get_preset("tiny"), max_shard_bytes=600) as writer:
+        for k, t in tensors.items():
+            writer.add(k, t)
+    index = json.loads((tmp_path / "c" / INDEX_NAME).read_text())
+    files = index["metadata"]["files"]
+    assert len(files) > 1
+    for name, meta in files.items():
+        assert meta["sha256"] == hashlib.sha256((tmp_path / "c" / name).read_bytes()).hexdigest()
+    reader = CheckpointReader(tmp_path / "c")
+    for k, t in tensors.items():
+        assert torch.equal(reader.get(k), t)
+    # a layout it does not expect (here: the wrong tensors for the file) falls back to reading the file
+    one = next(iter(files))
+    assert _sha256_written(tmp_path / "c" / one, {k: torch.zeros(1) for k in tensors}) == files[one]["sha256"]
+
+
+def test_writer_closes_once(tmp_path: Path) -> None:
+    from aquila_ray.checkpoint.io import CheckpointWriter
+
+    writer = CheckpointWriter(tmp_path / "c", {"note": "x"})
+    writer.add("a", torch.ones(2))
+    writer.close()
+    with pytest.raises(CheckpointError, match="already closed"):
+        writer.close()
+
+
+def test_meta_model_build_does_not_import_dynamo() -> None:
+    """Checkpoint checks build the model on the meta device; that must not pull in torch._dynamo (~2 s)."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from aquila_ray.checkpoint.io import _model_keys; from aquila_ray.config import get_preset;"
+            "_model_keys(get_preset('tiny-moe')); print('torch._dynamo' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
+    assert out.stdout.strip().splitlines()[-1] == "False"

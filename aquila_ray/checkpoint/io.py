@@ -9,6 +9,7 @@ import os
 import shutil
 import uuid
 from collections.abc import Iterator, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -29,9 +30,36 @@ DEFAULT_SHARD_BYTES = 2 * 1024**3
 
 def _sha256(path: Path) -> str:
     h = hashlib.sha256()
+    buf = memoryview(bytearray(16 * 1024 * 1024))  # one reused buffer: no fresh pages per chunk
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(buf):
+            h.update(buf[:n])
+    return h.hexdigest()
+
+
+def _sha256_written(path: Path, tensors: Mapping[str, torch.Tensor]) -> str:
+    """The SHA-256 of the safetensors file ``save_file`` just wrote from ``tensors``, without reading its data
+    back: the file is its header then each tensor's bytes in ``data_offsets`` order, so we hash the header
+    from disk and the bytes from memory. Falls back to reading the file if the layout is not that."""
     with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(16 * 1024 * 1024), b""):
-            h.update(chunk)
+        head = f.read(8)
+        header_bytes = f.read(int.from_bytes(head, "little"))
+    header = json.loads(header_bytes)
+    spans = sorted((tuple(v["data_offsets"]), k) for k, v in header.items() if k != "__metadata__")
+    end = 0
+    for (begin, stop), k in spans:
+        t = tensors[k]
+        if begin != end or stop - begin != t.numel() * t.element_size():
+            return _sha256(path)
+        end = stop
+    if 8 + len(header_bytes) + end != path.stat().st_size:
+        return _sha256(path)
+    h = hashlib.sha256(head)
+    h.update(header_bytes)
+    for _, k in spans:
+        t = tensors[k]
+        if t.numel():
+            h.update(t.reshape(-1).view(torch.uint8).numpy().data)
     return h.hexdigest()
 
 
@@ -62,8 +90,12 @@ def atomic_directory(directory: str | Path) -> Iterator[Path]:
 class CheckpointWriter:
     """Streams tensors into size-bounded safetensors shards; ``close()`` writes the index and config.
 
-    Memory stays bounded by one shard: a caller can add tensors one at a time (growth of a 100 GB model).
-    Write into an ``atomic_directory`` (``save_checkpoint`` does) so a crash leaves nothing behind.
+    Memory stays bounded by two shards: a caller adds tensors one at a time (growth of a 100 GB model) while
+    the previous shard is written and hashed on a background thread, so producing tensors and writing bytes
+    overlap (safetensors and hashlib release the GIL). Do not modify a tensor in place after ``add``; the
+    bytes on disk are the tensor's when its shard is written, at the latest when ``close()`` returns.
+    Write into an ``atomic_directory`` (``save_checkpoint`` does) so a crash leaves nothing behind, and use
+    the writer as a context manager: on an error it waits for the shard in flight before the directory goes.
     ``config`` is a ModelConfig, or a plain dict written as is (a Hugging Face config on export).
     """
 
@@ -76,8 +108,29 @@ class CheckpointWriter:
         self._pending: dict[str, torch.Tensor] = {}
         self._pending_bytes = 0
         self._written: list[tuple[str, list[str]]] = []  # (temporary file name, keys)
+        self._hashes: dict[str, str] = {}  # temporary file name -> SHA-256
         self._keys: set[str] = set()
+        self._io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-writer")
+        self._in_flight: Future[None] | None = None
+        self._closed = False
         self.total_size = 0
+
+    def __enter__(self) -> CheckpointWriter:
+        return self
+
+    def __exit__(self, exc_type: Any, *_: Any) -> None:
+        if exc_type is not None:
+            self.abort()
+        elif not self._closed:
+            self.close()
+
+    def abort(self) -> None:
+        """Stop without writing the index: wait for the shard in flight (its error is dropped)."""
+        self._closed = True
+        if self._in_flight is not None:
+            self._in_flight.exception()
+            self._in_flight = None
+        self._io.shutdown(wait=True)
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
         if name in self._keys:
@@ -91,26 +144,44 @@ class CheckpointWriter:
         self._pending_bytes += nbytes
         self.total_size += nbytes
 
+    def _write_shard(self, name: str, tensors: dict[str, torch.Tensor]) -> None:
+        path = self.dir / name
+        save_file(tensors, str(path), metadata={"format": "pt"})
+        self._hashes[name] = _sha256_written(path, tensors)
+
+    def _wait(self) -> None:
+        if self._in_flight is not None:
+            future, self._in_flight = self._in_flight, None
+            future.result()  # re-raises the writer thread's error (disk full, ...) here
+
     def _flush(self) -> None:
         if not self._pending:
             return
+        self._wait()  # at most one shard in flight: memory stays bounded
         name = f"shard-{len(self._written):05d}.safetensors.part"
-        save_file(self._pending, str(self.dir / name), metadata={"format": "pt"})
+        self._in_flight = self._io.submit(self._write_shard, name, self._pending)
         self._written.append((name, list(self._pending)))
         self._pending, self._pending_bytes = {}, 0
 
     def close(self) -> Path:
-        self._flush()
-        if not self._written:
-            save_file({}, str(self.dir / "shard-00000.safetensors.part"), metadata={"format": "pt"})
-            self._written.append(("shard-00000.safetensors.part", []))
+        if self._closed:
+            raise CheckpointError(f"checkpoint writer for {self.dir} is already closed")
+        self._closed = True
+        try:
+            self._flush()
+            if not self._written:
+                self._write_shard("shard-00000.safetensors.part", {})
+                self._written.append(("shard-00000.safetensors.part", []))
+            self._wait()
+        finally:
+            self._io.shutdown(wait=True)
         n = len(self._written)
         weight_map: dict[str, str] = {}
         files: dict[str, dict[str, Any]] = {}
         for i, (tmp_name, keys) in enumerate(self._written):
             final = SINGLE_NAME if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
             os.replace(self.dir / tmp_name, self.dir / final)
-            files[final] = {"size": (self.dir / final).stat().st_size, "sha256": _sha256(self.dir / final)}
+            files[final] = {"size": (self.dir / final).stat().st_size, "sha256": self._hashes[tmp_name]}
             weight_map.update(dict.fromkeys(keys, final))
         index = {"metadata": {"format": FORMAT, "total_size": self.total_size, "files": files},
                  "weight_map": dict(sorted(weight_map.items()))}
@@ -143,10 +214,9 @@ def save_checkpoint(directory: str | Path, state_dict: Mapping[str, torch.Tensor
     sd = {k: v for k, v in state_dict.items() if not (config.tie_embeddings and k == "lm_head.weight")}
     _check_keys(sd.keys(), {k: tuple(v.shape) for k, v in sd.items()}, expected, f"state_dict for {directory}")
     with atomic_directory(directory) as tmp:
-        writer = CheckpointWriter(tmp, config, max_shard_bytes)
-        for k in sorted(sd):
-            writer.add(k, sd[k])
-        writer.close()
+        with CheckpointWriter(tmp, config, max_shard_bytes) as writer:
+            for k in sorted(sd):
+                writer.add(k, sd[k])
         for name, content in (extra_files or {}).items():
             p = tmp / name
             p.parent.mkdir(parents=True, exist_ok=True)
@@ -231,24 +301,41 @@ class CheckpointReader:
     def __contains__(self, name: str) -> bool:
         return name in self.weight_map
 
-    def _open(self, fname: str) -> Any:
-        if fname not in self._handles:
-            path = self.dir / fname
-            meta = self.files.get(fname)
-            if meta is None:
-                raise CheckpointError(f"{self.dir / INDEX_NAME} maps tensors to {fname} but lists no size/hash for it")
-            if not path.is_file():
-                raise CheckpointError(f"shard {path} listed in the index is missing")
-            size = path.stat().st_size
-            if size != meta["size"]:
-                raise CheckpointError(f"shard {path} has {size} bytes, the index says {meta['size']}: "
-                                      f"truncated or overwritten")
-            if self.verify and _sha256(path) != meta["sha256"]:
-                raise CheckpointError(f"shard {path} fails its SHA-256 check: the file was modified or corrupted")
+    def _check(self, fname: str) -> Path:
+        """The shard's path after its size check; raises CheckpointError when it is missing or truncated."""
+        path = self.dir / fname
+        meta = self.files.get(fname)
+        if meta is None:
+            raise CheckpointError(f"{self.dir / INDEX_NAME} maps tensors to {fname} but lists no size/hash for it")
+        if not path.is_file():
+            raise CheckpointError(f"shard {path} listed in the index is missing")
+        size = path.stat().st_size
+        if size != meta["size"]:
+            raise CheckpointError(f"shard {path} has {size} bytes, the index says {meta['size']}: "
+                                  f"truncated or overwritten")
+        return path
+
+    def _verify(self, fnames: list[str]) -> None:
+        """Size-check, and with ``verify`` hash, the shards not opened yet; hashes run on parallel threads
+        (hashlib releases the GIL), so verifying a many-shard checkpoint takes a fraction of one core's time."""
+        todo = [f for f in dict.fromkeys(fnames) if f not in self._handles]
+        paths = [self._check(f) for f in todo]
+        if self.verify and paths:
+            with ThreadPoolExecutor(max_workers=min(len(paths), os.cpu_count() or 1)) as pool:
+                digests = list(pool.map(_sha256, paths))
+            for fname, path, digest in zip(todo, paths, digests, strict=True):
+                if digest != self.files[fname]["sha256"]:
+                    raise CheckpointError(f"shard {path} fails its SHA-256 check: the file was modified or "
+                                          f"corrupted")
+        for fname, path in zip(todo, paths, strict=True):
             try:
                 self._handles[fname] = safe_open(str(path), framework="pt", device="cpu")
             except Exception as e:  # safetensors raises its own error types
                 raise CheckpointError(f"shard {path} is not a valid safetensors file: {e}") from e
+
+    def _open(self, fname: str) -> Any:
+        if fname not in self._handles:
+            self._verify([fname])
         return self._handles[fname]
 
     def get(self, name: str) -> torch.Tensor:
@@ -259,6 +346,7 @@ class CheckpointReader:
     def shapes(self) -> dict[str, tuple[int, ...]]:
         if self._shapes is None:
             self._shapes = {}
+            self._verify(list(self.weight_map.values()))
             for fname in dict.fromkeys(self.weight_map.values()):
                 h = self._open(fname)
                 for k in h.keys():

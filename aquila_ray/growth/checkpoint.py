@@ -67,14 +67,16 @@ class _PlainReads:
         start, header = self._header(fname)
         meta = header[name]
         begin, end = meta["data_offsets"]
-        buf = bytearray(end - begin)
-        with open(self.reader.dir / fname, "rb") as f:
+        buf = torch.empty(end - begin, dtype=torch.uint8)  # torch's allocator (huge pages with TRANSFORM_ENV)
+        view, done = buf.numpy().data, 0
+        with open(self.reader.dir / fname, "rb", buffering=0) as f:
             f.seek(start + begin)
-            if f.readinto(buf) != len(buf):
-                raise CheckpointError(f"shard {self.reader.dir / fname} ends inside tensor {name!r}: truncated")
-        if not buf:
-            return torch.empty(meta["shape"], dtype=_DTYPES[meta["dtype"]])
-        return torch.frombuffer(buf, dtype=_DTYPES[meta["dtype"]]).reshape(meta["shape"])
+            while done < len(view):  # one read() returns at most ~2 GiB
+                n = f.readinto(view[done:])
+                if not n:
+                    raise CheckpointError(f"shard {self.reader.dir / fname} ends inside tensor {name!r}: truncated")
+                done += n
+        return buf.view(_DTYPES[meta["dtype"]]).reshape(meta["shape"])
 
 
 class _SourceCache:
@@ -119,20 +121,19 @@ def grow_checkpoint(src_dir: str | Path, dst_dir: str | Path, target: ModelConfi
     dtypes: set[str] = set()
     t_write = time.perf_counter()
     with atomic_directory(dst_dir) as tmp:
-        writer = CheckpointWriter(tmp, plan.dst, max_shard_bytes)
-        produced: dict[str, torch.Tensor] = {}
-        for layer, group in layer_groups(keys):
-            cache.keep_only({s for k in group for s in source_keys_for(plan, k)})
-            for k in group:
-                t = target_tensor(plan, k, cache.get)
-                dtypes.add(str(t.dtype).removeprefix("torch."))
-                writer.add(k, t)
-                produced[k] = t
-            if fwd is not None:
-                fwd.feed(layer, produced)
-            produced.clear()
-        cache.keep_only(set())
-        writer.close()
+        with CheckpointWriter(tmp, plan.dst, max_shard_bytes) as writer:
+            produced: dict[str, torch.Tensor] = {}
+            for layer, group in layer_groups(keys):
+                cache.keep_only({s for k in group for s in source_keys_for(plan, k)})
+                for k in group:
+                    t = target_tensor(plan, k, cache.get)
+                    dtypes.add(str(t.dtype).removeprefix("torch."))
+                    writer.add(k, t)
+                    produced[k] = t
+                if fwd is not None:
+                    fwd.feed(layer, produced)
+                produced.clear()
+            cache.keep_only(set())
         write_s = time.perf_counter() - t_write
         report = _report(plan, src_dir, dst_dir, reader, writer.total_size, cache.bytes_read, sorted(dtypes))
         if options.probe:

@@ -27,8 +27,9 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
+from typing import Any, cast
 
 import torch
 
@@ -80,6 +81,14 @@ class _Axis:
     """1/c for fan-in columns of copied units (FPI); None when all ones."""
     new: torch.Tensor
     """(n_T,) bool: new units (rows AKI takes from the layer above)."""
+
+    def subset(self, positions: torch.Tensor) -> _Axis:
+        """The axis restricted to the target units at ``positions`` (AKI builds only the new rows)."""
+        def pick(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t[positions]
+
+        return _Axis(index=positions if self.index is None else self.index[positions], writer=pick(self.writer),
+                     reader=pick(self.reader), fan_in=pick(self.fan_in), new=self.new[positions])
 
 
 def _axis(source: list[int], num_source: int, new: list[bool], norm_mode: str, expand: int = 1) -> _Axis:
@@ -138,9 +147,8 @@ def _take(w: torch.Tensor, dim: int, index: torch.Tensor | None, scale: torch.Te
     return w
 
 
-def _widen(plan: GrowthPlan, suffix: str, w: torch.Tensor) -> torch.Tensor:
+def _widen(a: _Axes, suffix: str, w: torch.Tensor) -> torch.Tensor:
     """FPI width growth of one block tensor (compute dtype in, compute dtype out)."""
-    a = _axes(plan)
     h = a.hidden
     if suffix.endswith("norm.weight"):
         w = _take(w, 0, h.index, None)
@@ -160,17 +168,17 @@ def _widen(plan: GrowthPlan, suffix: str, w: torch.Tensor) -> torch.Tensor:
     raise KeyError(f"no growth rule for block tensor {suffix!r}")
 
 
-def _new_rows(plan: GrowthPlan, suffix: str) -> torch.Tensor | None:
-    """Rows AKI takes from the layer above (None: the tensor has no out-units of its own to fill)."""
-    a = _axes(plan)
+def _row_axis(suffix: str) -> str | None:
+    """The ``_Axes`` field of a block tensor's out-units (rows AKI takes from the layer above); None when the
+    tensor has no out-units of its own to fill (norms)."""
     if suffix.startswith("attn.q_proj"):
-        return a.q_rows.new
+        return "q_rows"
     if suffix.startswith(("attn.k_proj", "attn.v_proj")):
-        return a.kv_rows.new
+        return "kv_rows"
     if suffix in ("attn.o_proj.weight", "mlp.down_proj.weight"):
-        return a.hidden.new
+        return "hidden"
     if suffix in ("mlp.gate_proj.weight", "mlp.up_proj.weight"):
-        return a.mlp.new
+        return "mlp"
     return None
 
 
@@ -188,7 +196,7 @@ def source_keys_for(plan: GrowthPlan, name: str) -> list[str]:
     layer, suffix = int(m.group(1)), m.group(2)
     s = plan.layers[layer]
     keys = [f"layers.{s}.{suffix}"]
-    if plan.options.method != "fpi" and s + 1 < plan.src.num_layers and _new_rows(plan, suffix) is not None:
+    if plan.options.method != "fpi" and s + 1 < plan.src.num_layers and _row_axis(suffix) is not None:
         keys.append(f"layers.{s + 1}.{suffix}")
     return keys
 
@@ -218,14 +226,17 @@ def target_tensor(plan: GrowthPlan, name: str, get: Getter) -> torch.Tensor:
         shape = (plan.dst.hidden_size, plan.dst.num_heads * plan.dst.head_dim if "o_proj" in suffix
                  else plan.dst.intermediate_size)
         return torch.zeros(shape, dtype=dtype)
-    out = _widen(plan, suffix, w)
+    out = _widen(a, suffix, w)
     above = source_keys_for(plan, name)[1:]
-    if above:  # AKI: new out-units from the layer above
-        new = _new_rows(plan, suffix)
-        assert new is not None
-        if bool(new.any()):
+    if above:  # AKI: new out-units from the layer above; only those rows of it are built
+        field = _row_axis(suffix)
+        assert field is not None
+        rows: _Axis = getattr(a, field)
+        new = rows.new.nonzero().squeeze(1)
+        if len(new):
             up = get(above[0])
-            out[new] = _widen(plan, suffix, up.to(_compute_dtype(up)))[new]
+            only_new = replace(a, **cast(dict[str, Any], {field: rows.subset(new)}))
+            out.index_copy_(0, new, _widen(only_new, suffix, up.to(_compute_dtype(up))))
     return _fresh(out.to(dtype), w0)
 
 

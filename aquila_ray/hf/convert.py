@@ -83,12 +83,11 @@ def export_hf(ckpt_dir: str | Path, hf_dir: str | Path, arch: str | None = None,
     spec = pick_architecture(cfg, arch)
     out_dtype = _dtype(dtype) or reader.get(reader.keys()[0]).dtype
     with atomic_directory(hf_dir) as tmp:
-        writer = CheckpointWriter(tmp, hf_config(cfg, spec, out_dtype), max_shard_bytes)
-        for key in sorted(reader.keys()):
-            writer.add(spec.keys.to_hf(key), reader.get(key).to(out_dtype))
-        for key, tensor in spec.export_tensors(cfg, out_dtype).items():
-            writer.add(key, tensor)
-        writer.close()
+        with CheckpointWriter(tmp, hf_config(cfg, spec, out_dtype), max_shard_bytes) as writer:
+            for key in sorted(reader.keys()):
+                writer.add(spec.keys.to_hf(key), reader.get(key).to(out_dtype))
+            for key, tensor in spec.export_tensors(cfg, out_dtype).items():
+                writer.add(key, tensor)
     return Path(hf_dir)
 
 
@@ -177,9 +176,8 @@ def import_hf(hf_dir: str | Path, ckpt_dir: str | Path, dtype: str | None = None
         shapes[name] = tuple(handles[f].get_slice(key).get_shape())
     _check_keys(ours.keys(), shapes, _model_keys(cfg), f"Hugging Face model {hf_path}")
     with atomic_directory(ckpt_dir) as tmp:
-        writer = CheckpointWriter(tmp, cfg, max_shard_bytes)
-        for name in sorted(ours):
-            t = tensor(ours[name])
-            writer.add(name, t.to(out_dtype) if out_dtype else t)
-        writer.close()
+        with CheckpointWriter(tmp, cfg, max_shard_bytes) as writer:
+            for name in sorted(ours):
+                t = tensor(ours[name])
+                writer.add(name, t.to(out_dtype) if out_dtype else t)
     return Path(ckpt_dir)

@@ -23,11 +23,18 @@ from aquila_ray.upcycle import UpcycleOptions, check_compatible, upcycle_checkpo
 
 T = TypeVar("T")
 
+TRANSFORM_ENV = {"THP_MEM_ALLOC_ENABLE": "1"}
+"""Environment of the weight-transform processes. PyTorch's CPU allocator backs tensors of 2 MB and more with
+transparent huge pages: a transform touches every byte of freshly allocated output once, and 4 KiB page
+faults were a third of its time (bench/grow.py). PyTorch reads the variable once, at its first allocation,
+so it is set when the process starts: in the Ray task's runtime_env, in bench/grow.py's child."""
+
 
 def run_task(fn: Callable[..., T], *args: Any, local: bool = False, num_cpus: float = 1.0,
-             memory: int | None = None) -> T:
+             memory: int | None = None, env: dict[str, str] | None = None) -> T:
     """``fn(*args)`` as a Ray task asking for ``num_cpus`` and ``memory`` bytes (so a cluster places it on a
     node that has them), on the connected cluster (``ray.init()`` if none); in this process with ``local``.
+    ``env`` goes into the task's runtime_env (a worker process started with it; ignored with ``local``).
     A task is not retried: the transforms write atomically, and a failure should reach the user."""
     if local:
         return fn(*args)
@@ -38,6 +45,8 @@ def run_task(fn: Callable[..., T], *args: Any, local: bool = False, num_cpus: fl
     options: dict[str, Any] = {"num_cpus": num_cpus, "max_retries": 0}
     if memory is not None:
         options["memory"] = int(memory)
+    if env:
+        options["runtime_env"] = {"env_vars": dict(env)}
     return ray.get(ray.remote(fn).options(**options).remote(*args))
 
 
@@ -58,7 +67,7 @@ def run_scale_up(src: str | Path, dst: str | Path, growth_cfg: GrowthConfig, tar
     if memory is None:
         memory = scale_up_memory(src, growth_cfg, target_cfg, max_shard_bytes)  # also validates the growth
     return dict(run_task(grow_checkpoint, str(src), str(dst), target_cfg, growth_cfg, max_shard_bytes, local=local,
-                         num_cpus=num_cpus, memory=memory))
+                         num_cpus=num_cpus, memory=memory, env=TRANSFORM_ENV))
 
 
 def run_scale_out(src: str | Path, dst: str | Path, moe_cfg: ModelConfig, options: UpcycleOptions | None = None,
@@ -69,4 +78,4 @@ def run_scale_out(src: str | Path, dst: str | Path, moe_cfg: ModelConfig, option
     check_compatible(dense, moe_cfg)  # before any task is scheduled
     memory = 4 * (dense.num_params() + moe_cfg.num_params())
     return dict(run_task(upcycle_checkpoint, str(src), str(dst), moe_cfg, options or UpcycleOptions(), probe,
-                         local=local, num_cpus=num_cpus, memory=memory))
+                         local=local, num_cpus=num_cpus, memory=memory, env=TRANSFORM_ENV))
