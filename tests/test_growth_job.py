@@ -120,3 +120,14 @@ def test_job_runs_as_a_ray_task(ray_cluster, small: Path, tmp_path: Path) -> Non
     report = json.loads((tmp_path / "out" / REPORT_NAME).read_text())
     assert report["probe"]["max_abs_logit_diff"] < 1e-4 and report["plan"]["inserted_identity_layers"] == [1, 3]
     assert aquila_ray.load_model(str(tmp_path / "out")).config.num_layers == 4
+
+
+@pytest.mark.ray
+def test_transform_tasks_start_with_the_transform_environment(ray_cluster) -> None:  # type: ignore[no-untyped-def]
+    """PyTorch reads THP_MEM_ALLOC_ENABLE once per process, so the task's worker must start with it."""
+    import os
+
+    from aquila_ray.pipeline.tasks import TRANSFORM_ENV, run_task
+
+    seen = run_task(os.getenv, "THP_MEM_ALLOC_ENABLE", env=TRANSFORM_ENV)  # a plain function of a stdlib module
+    assert seen == TRANSFORM_ENV["THP_MEM_ALLOC_ENABLE"] == "1"
