@@ -338,17 +338,3 @@ def test_pure_transform_leaves_its_input_alone() -> None:
 def test_growth_imports_neither_ray_nor_deepspeed() -> None:
     code = "import sys, aquila_ray.growth; bad = {'ray', 'deepspeed'} & set(sys.modules); assert not bad, bad"
     subprocess.run([sys.executable, "-c", code], check=True)
-
-
-@pytest.mark.parametrize("index", [[0, 1, 2, 3, 4, 0, 2], [0, 1, 2, 3, 4], [0, 1, 2], [1, 0, 2, 3, 4, 4],
-                                   [0, 1, 4, 2, 3, 0], [3, 3, 3], []])
-@pytest.mark.parametrize("dim", [0, 1])
-def test_select_matches_index_select(index: list[int], dim: int) -> None:
-    """The prefix-copy gather equals index_select for any map (identity prefix or not) and owns its storage."""
-    from aquila_ray.growth.transform import _select
-
-    w = torch.randn(5, 5, generator=torch.Generator().manual_seed(0))
-    idx = torch.tensor(index, dtype=torch.long)
-    out = _select(w, dim, idx)
-    assert torch.equal(out, w.index_select(dim, idx))
-    assert out.is_contiguous() and (out.numel() == 0 or out.data_ptr() != w.data_ptr())
