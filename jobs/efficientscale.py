@@ -33,6 +33,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or a local one)")
     parser.add_argument("--local-tasks", action="store_true", help="run growth/upcycling/eval in this process")
     args = parser.parse_args(argv)
+    if args.local_tasks:
+        from aquila_ray.pipeline.tasks import use_transform_env
+
+        use_transform_env()  # before any tensor exists: growth and upcycling run in this process
     from aquila_ray.config.base import to_dict
     from aquila_ray.config.recipe import build_recipe_config
     from aquila_ray.pipeline.efficientscale import plan_recipe, run_efficientscale

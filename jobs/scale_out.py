@@ -18,7 +18,7 @@ from typing import Any
 
 from aquila_ray.checkpoint import load_config
 from aquila_ray.config import ModelConfig, apply_overrides, load_overlay, to_dict
-from aquila_ray.pipeline.tasks import run_scale_out
+from aquila_ray.pipeline.tasks import run_scale_out, use_transform_env
 from aquila_ray.upcycle import UpcycleOptions, exactly_preserving, moe_config, weight_scale
 from jobs.common import base_parser, print_plan, run_main
 
@@ -57,6 +57,7 @@ def plan(src: ModelConfig, dst: ModelConfig, options: UpcycleOptions) -> dict[st
 
 
 def main(argv: list[str] | None = None) -> None:
+    use_transform_env()  # before any tensor exists: the upcycling may run in this process (--local)
     parser = base_parser(__doc__ or "")
     parser.add_argument("--src", required=True, help="dense checkpoint directory")
     parser.add_argument("--dst", required=True, help="MoE checkpoint directory to write")

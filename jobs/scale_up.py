@@ -22,7 +22,7 @@ from aquila_ray.config import ModelConfig, apply_overrides, from_dict, get_prese
 from aquila_ray.config.growth import ScaleUpConfig
 from aquila_ray.growth import make_plan
 from aquila_ray.growth.checkpoint import memory_estimate_bytes
-from aquila_ray.pipeline.tasks import run_scale_up
+from aquila_ray.pipeline.tasks import run_scale_up, use_transform_env
 from jobs.common import base_parser, print_plan, run_main
 
 DIMS = ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size")
@@ -86,6 +86,7 @@ def target_config(cfg: ScaleUpConfig, src: ModelConfig) -> ModelConfig:
 
 
 def main(argv: list[str] | None = None) -> None:
+    use_transform_env()  # before any tensor exists: the growth may run in this process (--local)
     args = build_parser().parse_args(argv)
     cfg = resolve(args)
     src = load_config(args.src)

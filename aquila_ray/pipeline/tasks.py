@@ -9,6 +9,7 @@ inside ``run_task``.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -27,15 +28,25 @@ TRANSFORM_ENV = {"THP_MEM_ALLOC_ENABLE": "1"}
 """Environment of the weight-transform processes. PyTorch's CPU allocator backs tensors of 2 MB and more with
 transparent huge pages: a transform touches every byte of freshly allocated output once, and 4 KiB page
 faults were a third of its time (bench/grow.py). PyTorch reads the variable once, at its first allocation,
-so it is set when the process starts: in the Ray task's runtime_env, in bench/grow.py's child."""
+so it is set when the process starts: in the Ray task's runtime_env, in bench/grow.py's child, and by
+``use_transform_env`` at the start of the jobs that may transform in-process (``--local``)."""
+
+
+def use_transform_env() -> None:
+    """Fill in ``TRANSFORM_ENV`` for this process where the variables are unset (a user's
+    ``THP_MEM_ALLOC_ENABLE=0`` stands). Effective only before the process allocates its first tensor:
+    call it first thing in a job's main."""
+    for key, value in TRANSFORM_ENV.items():
+        os.environ.setdefault(key, value)
 
 
 def run_task(fn: Callable[..., T], *args: Any, local: bool = False, num_cpus: float = 1.0,
              memory: int | None = None, env: dict[str, str] | None = None) -> T:
     """``fn(*args)`` as a Ray task asking for ``num_cpus`` and ``memory`` bytes (so a cluster places it on a
     node that has them), on the connected cluster (``ray.init()`` if none); in this process with ``local``.
-    ``env`` goes into the task's runtime_env (a worker process started with it; ignored with ``local``).
-    A task is not retried: the transforms write atomically, and a failure should reach the user."""
+    ``env`` goes into the task's runtime_env (a worker process started with it; with ``local`` this process
+    runs ``fn`` as it is: see ``use_transform_env``). A task is not retried: the transforms write atomically,
+    and a failure should reach the user."""
     if local:
         return fn(*args)
     import ray
