@@ -166,6 +166,12 @@ def test_report_files_and_stage_outputs(run: dict[str, Any]) -> None:
     for r in ev.values():
         assert r["validation"]["sequences"] == 32 and 0 <= r["multiple_choice"]["accuracy"] <= 1
         assert r["multiple_choice"]["items"] == 100
+    # the evaluate stage reuses the transitions' validation of the small and large finals (no second pass)
+    from aquila_ray.pipeline.stages import completed
+
+    assert ev["train_small"]["validation"] == completed(root, "scale_up")["validation_before"]
+    assert ev["train_large"]["validation"] == completed(root, "scale_out")["validation_before"]
+    assert ev["train_small"]["checkpoint"] == completed(root, "train_small")["checkpoint"]
     moe = aquila_ray.load_model(root / "stages" / "train_moe" / "final")
     assert moe.config.moe is not None and moe.config.moe.num_experts == 8
     assert moe(torch.tensor([[1, 2, 3]])).logits.shape == (1, 3, moe.config.vocab_size)

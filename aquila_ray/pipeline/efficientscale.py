@@ -164,10 +164,19 @@ class _Run:
 
         return resolve_models(self.cfg, read_manifest(outs["data"]["data_dir"]).vocab_size)
 
-    def evaluate(self, ckpt: str, data_dir: str, tasks: str | None = None) -> dict[str, Any]:
+    def evaluate(self, ckpt: str, data_dir: str, tasks: str | None = None,
+                 validation: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Validation loss on ``data_dir`` and, with ``tasks``, multiple choice, as one Ray task. A
+        ``validation`` result measured earlier for this (immutable) checkpoint is reused, not recomputed."""
         from aquila_ray.eval import evaluate_checkpoint
         from aquila_ray.pipeline.tasks import run_task
 
+        if validation is not None:
+            if tasks is None:
+                return {"checkpoint": ckpt, "validation": validation}
+            tokenizer = str(Path(data_dir) / "tokenizer.json")
+            result = run_task(evaluate_checkpoint, ckpt, None, "validation", tasks, tokenizer, local=self.local)
+            return {**result, "validation": validation}
         return run_task(evaluate_checkpoint, ckpt, data_dir, "validation", tasks, None, self.cfg.eval_max_sequences,
                         local=self.local)
 
@@ -229,17 +238,21 @@ class _Run:
         src, dst = outs["train_small"]["checkpoint"], d / "model"
         report = run_scale_up(src, dst, growth_config(self.cfg), self.models(outs).large, local=self.local)
         data_dir = outs["data"]["data_dir"]
+        before = self.evaluate(src, data_dir)["validation"]
         return {"checkpoint": str(dst), "method": report["method"], "depth_mode": report["depth_mode"],
                 "norm_mode": report["norm_mode"], "parameters": report["parameters"], "probe": report.get("probe"),
-                "loss_before": self.evaluate(src, data_dir)["validation"]["loss"],
+                "loss_before": before["loss"], "validation_before": before,
+                "eval_max_sequences": self.cfg.eval_max_sequences,
                 "loss_after": self.evaluate(str(dst), data_dir)["validation"]["loss"]}
 
     def scale_out(self, d: Path, outs: dict[str, dict[str, Any]]) -> dict[str, Any]:
         src = outs["train_large"]["checkpoint"]
         data_dir = outs["data"]["data_dir"]
-        before = self.evaluate(src, data_dir)["validation"]["loss"]
+        validation = self.evaluate(src, data_dir)["validation"]
+        before = validation["loss"]
         if self.cfg.upcycle == "online":  # train_moe builds the experts from the dense checkpoint itself
-            return {"mode": "online", "dense_checkpoint": src, "loss_before": before, "loss_after": None}
+            return {"mode": "online", "dense_checkpoint": src, "loss_before": before, "validation_before": validation,
+                    "eval_max_sequences": self.cfg.eval_max_sequences, "loss_after": None}
         from aquila_ray.pipeline.tasks import run_scale_out
 
         dst = d / "model"
@@ -248,13 +261,19 @@ class _Run:
         moe = moe_model(self.cfg, load_config(src))
         report = run_scale_out(src, dst, moe, UpcycleOptions(seed=self.cfg.seed), local=self.local)
         return {"mode": "offline", "checkpoint": str(dst), "method": report["method"], "probe": report.get("probe"),
-                "parameters": report["parameters"], "loss_before": before,
+                "parameters": report["parameters"], "loss_before": before, "validation_before": validation,
+                "eval_max_sequences": self.cfg.eval_max_sequences,
                 "loss_after": self.evaluate(str(dst), data_dir)["validation"]["loss"]}
 
     def final_eval(self, d: Path, outs: dict[str, dict[str, Any]]) -> dict[str, Any]:
         tasks = None if self.cfg.eval_tasks is None else (
             str(SAMPLE_TASKS) if self.cfg.eval_tasks == "sample" else self.cfg.eval_tasks)
-        results = {name: self.evaluate(outs[name]["checkpoint"], outs["data"]["data_dir"], tasks)
+        # the transitions already measured the small and large finals' validation loss; reuse it when it was
+        # measured on the same number of sequences (a rerun may have changed eval_max_sequences)
+        known = {stage: outs[t].get("validation_before") for stage, t in (("train_small", "scale_up"),
+                                                                          ("train_large", "scale_out"))
+                 if outs[t].get("eval_max_sequences", -1) == self.cfg.eval_max_sequences}
+        results = {name: self.evaluate(outs[name]["checkpoint"], outs["data"]["data_dir"], tasks, known.get(name))
                    for name in TRAIN_STAGES}
         (d / "evaluation.json").write_text(json.dumps(results, indent=2))
         return {"results": results}
