@@ -119,9 +119,9 @@ def deepspeed_config(cfg: TrainConfig, micro_batch: int, grad_accum: int, world_
         "bf16": {"enabled": cfg.scaling.use_gpu},
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
+        # always explicit: DeepSpeed's default is 1.0, so leaving it out would clip when grad_clip=0 says "off"
+        "gradient_clipping": cfg.optimizer.grad_clip,
     }
-    if cfg.optimizer.grad_clip > 0:
-        conf["gradient_clipping"] = cfg.optimizer.grad_clip
     return conf
 
 
