@@ -56,7 +56,9 @@ class Bench:
         return dataclasses.replace(get_preset(preset), vocab_size=self.vocab)
 
     def train(self, name: str, model: ModelConfig, steps: int, lr: float, init: str = "scratch",
-              init_from: str | None = None, data_start: int = 0) -> dict[str, Any]:
+              init_from: str | None = None, data_start: int = 0, start_loss: float | None = None) -> dict[str, Any]:
+        """One training run; its validation curve starts at ``start_loss`` (the initial checkpoint's, when
+        measured) at 0 FLOPs."""
         stage = StageConfig(steps=steps, lr=lr, warmup_steps=10, global_batch_tokens=16 * 128, micro_batch_size=16,
                             checkpoint_every=steps, eval_every=self.eval_every)
         cfg = stage_train_config(stage, model, self.data_dir, init=init, init_from=init_from, data_start=data_start)
@@ -66,7 +68,8 @@ class Bench:
         result = run_training(cfg, self.work / "runs", name)
         final = export_model(result.checkpoint, self.work / name)
         rows = read_metrics(result.metrics_path)
-        curve = [(0.0, None)] + [(float(r["cumulative_flops"]), float(r["val_loss"])) for r in rows if "val_loss" in r]
+        curve = [(0.0, start_loss)] + [(float(r["cumulative_flops"]), float(r["val_loss"])) for r in rows
+                                       if "val_loss" in r]
         return {"name": name, "checkpoint": str(final), "steps": steps, "seconds": round(time.time() - t0, 1),
                 "flops": float(rows[-1]["cumulative_flops"]), "flops_per_step": float(rows[-1]["cumulative_flops"])
                 / steps, "curve": curve, "final_val_loss": curve[-1][1], "data_position": data_position(final)}
@@ -159,7 +162,7 @@ def main() -> None:
         report = run_scale_up(small["checkpoint"], dst, GrowthConfig(method=m), large, local=True)
         grown_loss[m] = {"depth_mode": report["depth_mode"], "val_loss_after_growth": bench.val_loss(str(dst))}
         runs[m] = bench.train(f"large-{m}", load_config(dst), args.large_steps, args.large_lr, "checkpoint",
-                              str(dst), data_start=start)
+                              str(dst), data_start=start, start_loss=grown_loss[m]["val_loss_after_growth"])
     target = runs["scratch"]["final_val_loss"]
     scratch_flops = runs["scratch"]["flops"]
     scale_up = {"target_val_loss": target, "target": "the scratch run's final validation loss",
@@ -178,10 +181,11 @@ def main() -> None:
     moe_dir = work / "upcycled"
     run_scale_out(base["checkpoint"], moe_dir, moe_cfg, local=True)
     start2 = base["data_position"]
-    moe = bench.train("moe", moe_cfg, args.moe_steps, args.large_lr, "checkpoint", str(moe_dir), data_start=start2)
+    moe = bench.train("moe", moe_cfg, args.moe_steps, args.large_lr, "checkpoint", str(moe_dir), data_start=start2,
+                      start_loss=bench.val_loss(str(moe_dir)))
     dense_steps = round(args.moe_steps * moe["flops_per_step"] / base["flops_per_step"])
     dense = bench.train("dense-continued", dense_cfg, dense_steps, args.large_lr, "checkpoint", base["checkpoint"],
-                        data_start=start2)
+                        data_start=start2, start_loss=base["final_val_loss"])
     scale_out = {"base": "the AKI-Pro-grown large model after its training", "moe": moe, "dense": dense,
                  "moe_flops_per_step_over_dense": round(moe["flops_per_step"] / base["flops_per_step"], 4),
                  "moe_final_val_loss": moe["final_val_loss"], "dense_final_val_loss": dense["final_val_loss"],
