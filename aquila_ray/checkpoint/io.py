@@ -37,14 +37,20 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def read_safetensors_header(path: str | Path) -> tuple[bytes, dict[str, Any]]:
+    """A safetensors file's prefix (8-byte length + JSON header; tensor data starts at ``len(prefix)``) and
+    the parsed header: ``{name: {dtype, shape, data_offsets}, "__metadata__": ...}``."""
+    with open(path, "rb") as f:
+        head = f.read(8)
+        prefix = head + f.read(int.from_bytes(head, "little"))
+    return prefix, json.loads(prefix[8:])
+
+
 def _sha256_written(path: Path, tensors: Mapping[str, torch.Tensor]) -> str:
     """The SHA-256 of the safetensors file ``save_file`` just wrote from ``tensors``, without reading its data
     back: the file is its header then each tensor's bytes in ``data_offsets`` order, so we hash the header
     from disk and the bytes from memory. Falls back to reading the file if the layout is not that."""
-    with open(path, "rb") as f:
-        head = f.read(8)
-        header_bytes = f.read(int.from_bytes(head, "little"))
-    header = json.loads(header_bytes)
+    prefix, header = read_safetensors_header(path)
     spans = sorted((tuple(v["data_offsets"]), k) for k, v in header.items() if k != "__metadata__")
     end = 0
     for (begin, stop), k in spans:
@@ -52,10 +58,9 @@ def _sha256_written(path: Path, tensors: Mapping[str, torch.Tensor]) -> str:
         if begin != end or stop - begin != t.numel() * t.element_size():
             return _sha256(path)
         end = stop
-    if 8 + len(header_bytes) + end != path.stat().st_size:
+    if len(prefix) + end != path.stat().st_size:
         return _sha256(path)
-    h = hashlib.sha256(head)
-    h.update(header_bytes)
+    h = hashlib.sha256(prefix)
     for _, k in spans:
         t = tensors[k]
         if t.numel():

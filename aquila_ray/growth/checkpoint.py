@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from aquila_ray.checkpoint import CheckpointReader, CheckpointWriter, atomic_directory
-from aquila_ray.checkpoint.io import DEFAULT_SHARD_BYTES
+from aquila_ray.checkpoint.io import DEFAULT_SHARD_BYTES, read_safetensors_header
 from aquila_ray.config import ModelConfig, to_dict
 from aquila_ray.config.growth import GrowthConfig
 from aquila_ray.errors import CheckpointError
@@ -58,9 +58,8 @@ class _PlainReads:
 
     def _header(self, fname: str) -> tuple[int, dict[str, Any]]:
         if fname not in self.headers:
-            with open(self.reader.dir / fname, "rb") as f:
-                n = int.from_bytes(f.read(8), "little")
-                self.headers[fname] = (8 + n, json.loads(f.read(n)))
+            prefix, header = read_safetensors_header(self.reader.dir / fname)
+            self.headers[fname] = (len(prefix), header)
         return self.headers[fname]
 
     def get(self, name: str) -> torch.Tensor:
@@ -105,8 +104,8 @@ class _SourceCache:
 @contextlib.contextmanager
 def _one_core_for_the_writer() -> Iterator[None]:
     """Leave a core to the checkpoint writer's thread (it writes and hashes the previous shard while the next is
-    computed): with all cores on torch ops too, both sides slowed down (bench/grow.py: 3.2-3.9 s vs 3.7-4.9 s
-    per 2 GB on 2 cores)."""
+    computed): with all cores on torch ops too, both sides slowed down (3 paired profiling runs of
+    bench/grow.py's growth on 2 cores: 3.2-3.9 s with one torch thread, 3.7-4.9 s with two)."""
     before = torch.get_num_threads()
     torch.set_num_threads(max(1, before - 1))
     try:

@@ -156,7 +156,7 @@ class Aquila3(nn.Module):
         super().__init__()
         self.config = cfg
         # init_weights owns initialization: skipping nn.Embedding's default normal_ also keeps a meta-device
-        # build (checkpoint checks, growth, upcycling) from importing torch._dynamo (~2 s per process).
+        # build (checkpoint checks, growth, upcycling) from importing torch._dynamo (1.3 s per process here).
         self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size,
                                   _weight=torch.empty(cfg.vocab_size, cfg.hidden_size))
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_layers))

@@ -180,6 +180,13 @@ class _Run:
         return run_task(evaluate_checkpoint, ckpt, data_dir, "validation", tasks, None, self.cfg.eval_max_sequences,
                         local=self.local)
 
+    def before(self, ckpt: str, data_dir: str) -> dict[str, Any]:
+        """A transition's starting point: the validation of the checkpoint it transforms, kept whole (with the
+        sequence budget it used) so the evaluate stage can reuse it."""
+        validation = self.evaluate(ckpt, data_dir)["validation"]
+        return {"loss_before": validation["loss"], "validation_before": validation,
+                "eval_max_sequences": self.cfg.eval_max_sequences}
+
     # ------------------------------------------------------------------------------------------ stages
     def data(self, d: Path, outs: dict[str, dict[str, Any]]) -> dict[str, Any]:
         from aquila_ray.train.shards import read_manifest
@@ -238,21 +245,16 @@ class _Run:
         src, dst = outs["train_small"]["checkpoint"], d / "model"
         report = run_scale_up(src, dst, growth_config(self.cfg), self.models(outs).large, local=self.local)
         data_dir = outs["data"]["data_dir"]
-        before = self.evaluate(src, data_dir)["validation"]
         return {"checkpoint": str(dst), "method": report["method"], "depth_mode": report["depth_mode"],
                 "norm_mode": report["norm_mode"], "parameters": report["parameters"], "probe": report.get("probe"),
-                "loss_before": before["loss"], "validation_before": before,
-                "eval_max_sequences": self.cfg.eval_max_sequences,
-                "loss_after": self.evaluate(str(dst), data_dir)["validation"]["loss"]}
+                **self.before(src, data_dir), "loss_after": self.evaluate(str(dst), data_dir)["validation"]["loss"]}
 
     def scale_out(self, d: Path, outs: dict[str, dict[str, Any]]) -> dict[str, Any]:
         src = outs["train_large"]["checkpoint"]
         data_dir = outs["data"]["data_dir"]
-        validation = self.evaluate(src, data_dir)["validation"]
-        before = validation["loss"]
+        before = self.before(src, data_dir)
         if self.cfg.upcycle == "online":  # train_moe builds the experts from the dense checkpoint itself
-            return {"mode": "online", "dense_checkpoint": src, "loss_before": before, "validation_before": validation,
-                    "eval_max_sequences": self.cfg.eval_max_sequences, "loss_after": None}
+            return {"mode": "online", "dense_checkpoint": src, **before, "loss_after": None}
         from aquila_ray.pipeline.tasks import run_scale_out
 
         dst = d / "model"
@@ -261,8 +263,7 @@ class _Run:
         moe = moe_model(self.cfg, load_config(src))
         report = run_scale_out(src, dst, moe, UpcycleOptions(seed=self.cfg.seed), local=self.local)
         return {"mode": "offline", "checkpoint": str(dst), "method": report["method"], "probe": report.get("probe"),
-                "parameters": report["parameters"], "loss_before": before, "validation_before": validation,
-                "eval_max_sequences": self.cfg.eval_max_sequences,
+                "parameters": report["parameters"], **before,
                 "loss_after": self.evaluate(str(dst), data_dir)["validation"]["loss"]}
 
     def final_eval(self, d: Path, outs: dict[str, dict[str, Any]]) -> dict[str, Any]:
