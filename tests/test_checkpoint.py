@@ -60,7 +60,35 @@ def test_tampered_shard(saved) -> None:
     data = bytearray(shard.read_bytes())
     data[-1] ^= 0xFF
     shard.write_bytes(bytes(data))
-    with pytest.raises(CheckpointError, match=r"fails its SHA-256 check"):
+    with pytest.raises(CheckpointError, match=r"model-00001-of-.* fails its BLAKE3 check: the file was modified"):
+        load_state_dict(path)
+    assert load_state_dict(path, verify=False)[0]  # sizes only
+
+
+def test_format_1_checkpoints_with_sha256_still_verify(saved) -> None:
+    """Checkpoints written before format aquila-ray/2 list SHA-256 digests; the reader checks those."""
+    import hashlib
+
+    path, model = saved
+    index = json.loads((path / INDEX_NAME).read_text())
+    index["metadata"]["format"] = "aquila-ray/1"
+    for name, meta in index["metadata"]["files"].items():
+        del meta["blake3"]
+        meta["sha256"] = hashlib.sha256((path / name).read_bytes()).hexdigest()
+    (path / INDEX_NAME).write_text(json.dumps(index))
+    sd, _ = load_state_dict(path)
+    assert all(torch.equal(sd[k], v) for k, v in model.state_dict().items())
+    shard = next(path.glob("model-00002-*.safetensors"))
+    data = bytearray(shard.read_bytes())
+    data[-1] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=r"model-00002-of-.* fails its SHA-256 check"):
+        load_state_dict(path)
+    for meta in index["metadata"]["files"].values():
+        del meta["sha256"]
+    (path / INDEX_NAME).write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match=r"lists no digest for model-0000\d-of-.* \(expected one of "
+                                              r"\['blake3', 'sha256'\]\); load it with verify=False"):
         load_state_dict(path)
 
 
@@ -144,11 +172,11 @@ def test_shard_error_on_the_writer_thread_reaches_the_caller(saved, monkeypatch:
     assert torch.equal(sd["norm.weight"], model.state_dict()["norm.weight"])
 
 
-def test_index_hashes_are_the_files_sha256_for_every_dtype(tmp_path: Path) -> None:
-    """The writer hashes shards from memory; the index must still hold each file's real SHA-256."""
-    import hashlib
+def test_index_digests_are_the_files_blake3_for_every_dtype(tmp_path: Path) -> None:
+    """The writer hashes shards from memory; the index must still hold each file's real BLAKE3 digest."""
+    import blake3
 
-    from aquila_ray.checkpoint.io import CheckpointWriter, _sha256_written
+    from aquila_ray.checkpoint.io import CheckpointWriter, _digest_written
 
     gen = torch.Generator().manual_seed(0)
     tensors = {"a": torch.randn(33, 7, generator=gen), "b": torch.randn(5, generator=gen).to(torch.bfloat16),
@@ -161,13 +189,13 @@ def test_index_hashes_are_the_files_sha256_for_every_dtype(tmp_path: Path) -> No
     files = index["metadata"]["files"]
     assert len(files) > 1
     for name, meta in files.items():
-        assert meta["sha256"] == hashlib.sha256((tmp_path / "c" / name).read_bytes()).hexdigest()
+        assert meta["blake3"] == blake3.blake3((tmp_path / "c" / name).read_bytes()).hexdigest()
     reader = CheckpointReader(tmp_path / "c")
     for k, t in tensors.items():
         assert torch.equal(reader.get(k), t)
     # a layout it does not expect (here: the wrong tensors for the file) falls back to reading the file
     one = next(iter(files))
-    assert _sha256_written(tmp_path / "c" / one, {k: torch.zeros(1) for k in tensors}) == files[one]["sha256"]
+    assert _digest_written(tmp_path / "c" / one, {k: torch.zeros(1) for k in tensors}) == files[one]["blake3"]
 
 
 def test_writer_closes_once(tmp_path: Path) -> None:

@@ -2,7 +2,7 @@
 
 A checkpoint directory (DESIGN.md "Checkpoint directory") holds ``config.json`` (every ModelConfig field),
 ``model.safetensors`` or ``model-XXXXX-of-YYYYY.safetensors`` and ``model.safetensors.index.json``. The
-index is Hugging Face's (``weight_map``) plus, under ``metadata.files``, the byte size and SHA-256 of every
+index is Hugging Face's (``weight_map``) plus, under ``metadata.files``, the byte size and BLAKE3 digest of every
 shard, checked on load. Everything is written under a temporary sibling name and renamed into place, so a
 half-written checkpoint is never seen under the final name. Weights are never pickled.
 """
