@@ -123,28 +123,6 @@ def copy_once(src: Path, dst: Path, nbytes: int) -> float:
     return time.perf_counter() - t0
 
 
-def kernel_copy_once(src: Path, dst: Path, nbytes: int) -> float:
-    """``copy_once`` with the kernel moving the bytes (copy_file_range, as ``cp`` does): no user-space buffer."""
-    shutil.rmtree(dst, ignore_errors=True)
-    dst.mkdir(parents=True)
-    shards = sorted(src.glob("*.safetensors"))
-    t0 = time.perf_counter()
-    written, i = 0, 0
-    while written < nbytes:
-        f = shards[i % len(shards)]
-        with open(f, "rb") as a, open(dst / f"copy-{i}.bin", "wb") as b:
-            n = min(nbytes - written, f.stat().st_size)
-            done = 0
-            while done < n:
-                step = os.copy_file_range(a.fileno(), b.fileno(), n - done)
-                if not step:
-                    break
-                done += step
-            written += done
-        i += 1
-    return time.perf_counter() - t0
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", default="/tmp/aquila-grow-bench")
@@ -164,7 +142,6 @@ def main() -> None:
 
     timed = {"method": args.method, "probe": False}
     grow_s, copy_s, rss, process_s, grow_sync, copy_sync = [], [], [], [], [], []
-    kernel_s, kernel_sync = [], []  # the same copy done by the kernel (copy_file_range), a reference
     cold_grow, cold_copy = [], []  # durable, with the source evicted from the page cache first
     out_bytes = 0
     for r in range(args.repeats):
@@ -176,16 +153,13 @@ def main() -> None:
         rss.append(int(rep["peak_rss_bytes"]))
         copy_s.append(copy_once(src, work / "copy", out_bytes))
         copy_sync.append(copy_s[-1] + fsync_dir(work / "copy"))
-        kernel_s.append(kernel_copy_once(src, work / "copy", out_bytes))
-        kernel_sync.append(kernel_s[-1] + fsync_dir(work / "copy"))
         evict(src)
         _, rep_cold = grow_once(src, work / "dst", timed, shard)
         cold_grow.append(rep_cold["seconds"]["total"] + fsync_dir(work / "dst"))
         evict(src)
         cold_copy.append(copy_once(src, work / "copy", out_bytes) + fsync_dir(work / "copy"))
         print(f"run {r}: grow {grow_s[-1]:.2f}s, +fsync {grow_sync[-1]:.2f}s (process {wall:.2f}s, peak RSS "
-              f"{rss[-1] / 1e9:.2f} GB); copy {copy_s[-1]:.2f}s, +fsync {copy_sync[-1]:.2f}s (kernel copy "
-              f"{kernel_s[-1]:.2f}s, {kernel_sync[-1]:.2f}s); cold source: grow "
+              f"{rss[-1] / 1e9:.2f} GB); copy {copy_s[-1]:.2f}s, +fsync {copy_sync[-1]:.2f}s; cold source: grow "
               f"{cold_grow[-1]:.2f}s, copy {cold_copy[-1]:.2f}s (both +fsync)", flush=True)
     shutil.rmtree(work / "copy", ignore_errors=True)
     # The checkpoint format hashes every shard: the source on open (verify) and the output on close. One core
@@ -226,11 +200,6 @@ def main() -> None:
                         "grow_over_copy": round(statistics.median(cold_grow) / statistics.median(cold_copy), 3),
                         "grow_seconds": [round(x, 3) for x in cold_grow],
                         "copy_seconds": [round(x, 3) for x in cold_copy]},
-        "kernel_copy": {"copy_seconds_median": round(statistics.median(kernel_sync), 3),
-                        "grow_over_copy": round(g / statistics.median(kernel_sync), 3),
-                        "cached": {"copy_seconds_median": round(statistics.median(kernel_s), 3),
-                                   "grow_over_copy": round(gc / statistics.median(kernel_s), 3)},
-                        "copy_seconds": [round(x, 3) for x in kernel_sync]},
         "process_seconds_median": round(statistics.median(process_s), 3),
         "process_start_up_seconds_median": round(statistics.median(w - g for w, g in zip(process_s, grow_s,
                                                                                          strict=True)), 3),
@@ -251,9 +220,7 @@ def main() -> None:
         "notes": "Headline numbers are durable: grow_checkpoint's wall time (source digest verify, transform, "
                  "shard writes, output digests) in a fresh subprocess with TRANSFORM_ENV, plus the fsync of every "
                  "output file; copy = read source shards and write the same number of bytes as the grown "
-                 "checkpoint through a user-space buffer, plus fsync; 'kernel_copy' = the same bytes moved by "
-                 "copy_file_range (as cp does), a reference. The child's interpreter + torch start-up is a "
-                 "fixed cost per job, "
+                 "checkpoint, plus fsync. The child's interpreter + torch start-up is a fixed cost per job, "
                  "reported apart (process_start_up_seconds_median). 'cached' = without the fsync (page-cache "
                  "speed). 'cold_source' = durable, with the source evicted from the page cache before each "
                  "growth and each copy (a fresh node reading the checkpoint from disk). 2 shared CPU cores: "
@@ -262,7 +229,7 @@ def main() -> None:
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     Path(args.output).write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps({k: result[k] for k in ("grow_seconds_median", "copy_seconds_median", "grow_over_copy", "cached",
-                                             "cold_source", "kernel_copy",
+                                             "cold_source",
                                              "process_start_up_seconds_median", "peak_rss_bytes_median",
                                              "peak_rss_goal_bytes")}, indent=2))
 
