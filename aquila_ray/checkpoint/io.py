@@ -32,8 +32,8 @@ DEFAULT_SHARD_BYTES = 2 * 1024**3
 
 DIGEST = "blake3"
 """The digest the writer records per shard. BLAKE3 runs ~2x faster than SHA-256 (SHA-NI) on one core and
-spreads one file over all cores: checkpoints are hashed on every save and verified on every load, and at
-SHA-256's ~1.6 GB/s the hashing was the largest part of a growth's wall time (docs/growth.md, "Benchmark")."""
+spreads one file over all cores: checkpoints are hashed on every save and verified on every load, and
+SHA-256 was about a sixth of a growth's CPU time in profiles (docs/growth.md, "Benchmark")."""
 DIGESTS = {"blake3": "BLAKE3", "sha256": "SHA-256"}
 """Digests the reader checks (index key -> name in messages); "sha256" is what format aquila-ray/1 wrote."""
 ALL_CORES = blake3.blake3.AUTO
