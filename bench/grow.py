@@ -5,11 +5,12 @@ Each growth runs in a fresh subprocess with the environment the Ray task gets (`
 time is ``grow_checkpoint``'s own (source digest verify, transform, shard writes, output digests), the
 interpreter and torch start-up beside it. Headline times are durable (until fsync of every output file
 returns), with page-cache times beside them, and a cold-source pair (source evicted from the page cache
-before each run, as on a fresh node). Peak RSS is the child's ru_maxrss. Growth and copy runs alternate so
+before each run, as on a fresh node). Each growth and copy starts ``--settle-s`` seconds after its previous
+output was deleted (see SETTLE_S). Peak RSS is the child's ru_maxrss. Growth and copy runs alternate so
 machine noise hits both; we report medians.
 Goals: growth time <= 2x the copy time; peak RSS < source size + two output shards.
 
-    python bench/grow.py [--workdir /tmp/aquila-grow-bench] [--repeats 3] [--shard-mb 256]
+    python bench/grow.py [--workdir /tmp/aquila-grow-bench] [--repeats 3] [--shard-mb 256] [--settle-s 3]
 """
 
 from __future__ import annotations
@@ -90,8 +91,23 @@ def evict(path: Path) -> None:
                 os.close(fd)
 
 
-def grow_once(src: Path, dst: Path, opts: dict[str, object], shard_bytes: int) -> tuple[float, dict[str, Any]]:
+SETTLE_S = 3.0
+"""Seconds between deleting a run's previous output and starting the run (``--settle-s``), the same for the
+growth and the copy. Memory the kernel has just freed is fast to reuse; on a VM with free page reporting
+(virtio-balloon, as on the dev machines) it goes back to the host after ~2 s, and writing into it again
+is slower. The copy used to start writing right after deleting its previous output while the growth started
+after its child's 1.5-2 s start-up: the same growth ran in 2.43 s with its output deleted just before vs
+3.47 s with 4 s in between (medians of 5, in-process). Waiting before both gives both the same start."""
+
+
+def settle(dst: Path, seconds: float) -> None:
     shutil.rmtree(dst, ignore_errors=True)
+    time.sleep(seconds)
+
+
+def grow_once(src: Path, dst: Path, opts: dict[str, object], shard_bytes: int, settle_s: float
+              ) -> tuple[float, dict[str, Any]]:
+    settle(dst, settle_s)
     t0 = time.perf_counter()
     out = subprocess.run([sys.executable, "-c", CHILD, str(src), str(dst), json.dumps(to_dict(TARGET)),
                           json.dumps(opts), str(shard_bytes)], check=True, capture_output=True, text=True,
@@ -100,10 +116,10 @@ def grow_once(src: Path, dst: Path, opts: dict[str, object], shard_bytes: int) -
     return wall, json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def copy_once(src: Path, dst: Path, nbytes: int) -> float:
+def copy_once(src: Path, dst: Path, nbytes: int, settle_s: float) -> float:
     """Copy source shards (round robin) into ``dst`` until ``nbytes`` are written: the same bytes the growth
     writes, read from and written to the same disk."""
-    shutil.rmtree(dst, ignore_errors=True)
+    settle(dst, settle_s)
     dst.mkdir(parents=True)
     shards = sorted(src.glob("*.safetensors"))
     t0 = time.perf_counter()
@@ -129,6 +145,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--shard-mb", type=int, default=256)
     parser.add_argument("--method", default="aki-pro")
+    parser.add_argument("--settle-s", type=float, default=SETTLE_S,
+                        help="wait between deleting a run's previous output and starting it (0: no wait)")
     parser.add_argument("--output", default=str(Path(__file__).parent / "results" / "grow.json"))
     args = parser.parse_args()
     work = Path(args.workdir)
@@ -145,19 +163,19 @@ def main() -> None:
     cold_grow, cold_copy = [], []  # durable, with the source evicted from the page cache first
     out_bytes = 0
     for r in range(args.repeats):
-        wall, rep = grow_once(src, work / "dst", timed, shard)
+        wall, rep = grow_once(src, work / "dst", timed, shard, args.settle_s)
         out_bytes = sum(f.stat().st_size for f in (work / "dst").glob("*.safetensors"))
         process_s.append(wall)
         grow_s.append(rep["seconds"]["total"])
         grow_sync.append(grow_s[-1] + fsync_dir(work / "dst"))
         rss.append(int(rep["peak_rss_bytes"]))
-        copy_s.append(copy_once(src, work / "copy", out_bytes))
+        copy_s.append(copy_once(src, work / "copy", out_bytes, args.settle_s))
         copy_sync.append(copy_s[-1] + fsync_dir(work / "copy"))
         evict(src)
-        _, rep_cold = grow_once(src, work / "dst", timed, shard)
+        _, rep_cold = grow_once(src, work / "dst", timed, shard, args.settle_s)
         cold_grow.append(rep_cold["seconds"]["total"] + fsync_dir(work / "dst"))
         evict(src)
-        cold_copy.append(copy_once(src, work / "copy", out_bytes) + fsync_dir(work / "copy"))
+        cold_copy.append(copy_once(src, work / "copy", out_bytes, args.settle_s) + fsync_dir(work / "copy"))
         print(f"run {r}: grow {grow_s[-1]:.2f}s, +fsync {grow_sync[-1]:.2f}s (process {wall:.2f}s, peak RSS "
               f"{rss[-1] / 1e9:.2f} GB); copy {copy_s[-1]:.2f}s, +fsync {copy_sync[-1]:.2f}s; cold source: grow "
               f"{cold_grow[-1]:.2f}s, copy {cold_copy[-1]:.2f}s (both +fsync)", flush=True)
@@ -174,7 +192,8 @@ def main() -> None:
         print(f"{algo} of source + output shards (page cache, one core): {hash_s[algo]:.2f}s", flush=True)
 
     # One exact-FPI run with the probe on: function preservation at this scale, and the probe's cost.
-    wall_p, rep_p = grow_once(src, work / "dst", {"method": "fpi", "depth_mode": "identity", "probe": True}, shard)
+    wall_p, rep_p = grow_once(src, work / "dst", {"method": "fpi", "depth_mode": "identity", "probe": True}, shard,
+                             args.settle_s)
     print(f"fpi+identity with probe: {wall_p:.2f}s, {rep_p['probe']}", flush=True)
     shutil.rmtree(work / "dst", ignore_errors=True)
 
@@ -188,6 +207,7 @@ def main() -> None:
         "target": {"config": TARGET.describe(), "bytes": out_bytes},
         "method": args.method,
         "shard_bytes": shard,
+        "settle_seconds": args.settle_s,
         "repeats": args.repeats,
         "grow_seconds_median": round(g, 3),
         "copy_seconds_median": round(c, 3),
@@ -223,7 +243,8 @@ def main() -> None:
                  "checkpoint, plus fsync. The child's interpreter + torch start-up is a fixed cost per job, "
                  "reported apart (process_start_up_seconds_median). 'cached' = without the fsync (page-cache "
                  "speed). 'cold_source' = durable, with the source evicted from the page cache before each "
-                 "growth and each copy (a fresh node reading the checkpoint from disk). 2 shared CPU cores: "
+                 "growth and each copy (a fresh node reading the checkpoint from disk). Every growth and copy starts "
+                 "settle_seconds after its previous output was deleted (see SETTLE_S). 2 shared CPU cores: "
                  "other engineers' jobs add noise; medians reported.",
     }
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
