@@ -54,12 +54,17 @@ def test_truncated_shard(saved) -> None:
         load_state_dict(path)
 
 
-def test_tampered_shard(saved) -> None:
-    path, _ = saved
-    shard = next(path.glob("model-00001-*.safetensors"))
+def _flip_last_byte(path: Path, shard_no: int) -> None:
+    """Corrupt shard ``shard_no`` of the checkpoint at ``path`` without changing its size."""
+    shard = next(path.glob(f"model-{shard_no:05d}-*.safetensors"))
     data = bytearray(shard.read_bytes())
     data[-1] ^= 0xFF
     shard.write_bytes(bytes(data))
+
+
+def test_tampered_shard(saved) -> None:
+    path, _ = saved
+    _flip_last_byte(path, 1)
     with pytest.raises(CheckpointError, match=r"model-00001-of-.* fails its BLAKE3 check: the file was modified"):
         load_state_dict(path)
     assert load_state_dict(path, verify=False)[0]  # sizes only
@@ -78,10 +83,7 @@ def test_format_1_checkpoints_with_sha256_still_verify(saved) -> None:
     (path / INDEX_NAME).write_text(json.dumps(index))
     sd, _ = load_state_dict(path)
     assert all(torch.equal(sd[k], v) for k, v in model.state_dict().items())
-    shard = next(path.glob("model-00002-*.safetensors"))
-    data = bytearray(shard.read_bytes())
-    data[-1] ^= 0xFF
-    shard.write_bytes(bytes(data))
+    _flip_last_byte(path, 2)
     with pytest.raises(CheckpointError, match=r"model-00002-of-.* fails its SHA-256 check"):
         load_state_dict(path)
     for meta in index["metadata"]["files"].values():
