@@ -1,6 +1,6 @@
 """Data pipeline benchmark, all measured side by side in one run on the same input (issue 5).
 
-    pip install datatrove          # bench-only, not a project dependency
+    pip install -e ".[bench]"      # datatrove + orjson (its JsonlReader needs orjson); bench only
     python bench/data_pipeline.py [--repeats 3] [--synthetic 3000] [--out bench/results/data_pipeline.json]
 
 1. Our pipeline (``data_pipeline.run.prepare_data`` on a running local Ray, given tokenizer) vs datatrove
@@ -34,12 +34,14 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "bench"))
 sys.path.insert(0, str(REPO))
+
+from _peers import datatrove_blocks, run_datatrove_chain, run_datatrove_minhash  # noqa: E402
 
 from data_pipeline import synthetic  # noqa: E402
 from data_pipeline.config import DedupConfig, load_data_config  # noqa: E402
 from data_pipeline.dedup import DedupSignature, find_duplicates, jaccard  # noqa: E402
-from data_pipeline.steps import _lid_model_path  # noqa: E402
 
 
 # ------------------------------------------------------------------------------------------------ inputs
@@ -87,133 +89,6 @@ def recall_precision(removed: set[str], pairs: list[tuple[str, str, float]]) -> 
     tp = sum(1 for r in removed if r in good)
     return {"positives": len(pos), "removed": len(removed), "recall": round(hit / max(len(pos), 1), 4),
             "precision": round(tp / max(len(removed), 1), 4)}
-
-
-# ------------------------------------------------------------------------------------------------ datatrove
-def datatrove_blocks() -> dict[str, Any]:
-    """datatrove pieces configured to match ours (imported lazily: datatrove is a bench-only install)."""
-    from datatrove.pipeline.filters import GopherQualityFilter, GopherRepetitionFilter
-    from datatrove.pipeline.filters.base_filter import BaseFilter
-    from datatrove.utils.lid import FT176LID
-    from datatrove.utils.word_tokenizers import WordTokenizer
-
-    class WhitespaceWords(WordTokenizer):
-        def word_tokenize(self, text: str) -> list[str]:
-            return text.split()
-
-        def sent_tokenize(self, text: str) -> list[str]:
-            return text.splitlines()
-
-        def span_tokenize(self, text: str) -> list[tuple[int, int]]:
-            raise NotImplementedError
-
-    class Characters(WhitespaceWords):
-        def word_tokenize(self, text: str) -> list[str]:
-            return [c for c in text if not c.isspace()]
-
-    class LocalFT176(FT176LID):
-        @property
-        def model(self) -> Any:
-            if self._model is None:
-                from fasttext.FastText import _FastText
-
-                self._model = _FastText(str(_lid_model_path()))
-            return self._model
-
-        def predict(self, doc: Any) -> Any:  # FastTextLID.predict; fasttext-predict returns floats, not numpy
-            langs, scores = self.model.predict(doc.text.replace("\n", " "), k=self.k)
-            pairs = {lang.split("__")[2]: float(score) for lang, score in zip(langs, scores, strict=True)}
-            best = max(pairs.items(), key=lambda x: x[1])
-            return best, {lang: pairs.get(lang, 0.0) for lang in self.languages}
-
-    class EnglishOnlyQuality(GopherQualityFilter):
-        def filter(self, doc: Any) -> Any:
-            return True if doc.metadata.get("language") != "en" else super().filter(doc)
-
-    class EnglishOnlyRepetition(GopherRepetitionFilter):
-        def filter(self, doc: Any) -> Any:
-            return True if doc.metadata.get("language") != "en" else super().filter(doc)
-
-    class LanguageFilterLocal(BaseFilter):
-        """datatrove's LanguageFilter.filter, verbatim in effect, on its FT176LID with a local model file.
-        (datatrove's own class insists on the fasttext-numpy2-wheel distribution, which would replace the
-        fasttext-predict module our pipeline uses; both expose the same `fasttext` predict API.)"""
-
-        name = "🌍 Language ID (local ft176)"
-
-        def __init__(self, languages: list[str], threshold: float) -> None:
-            super().__init__()
-            self.languages, self.threshold = languages, threshold
-            self.model = LocalFT176(languages)
-
-        def filter(self, doc: Any) -> bool:
-            (lang, score), _ = self.model.predict(doc)
-            doc.metadata["language"], doc.metadata["language_score"] = lang, score
-            return lang in self.languages and score > self.threshold
-
-    def language_filter() -> Any:
-        return LanguageFilterLocal(["en", "zh"], 0.3)
-
-    return {"language_filter": language_filter, "words": WhitespaceWords, "chars": Characters,
-            "quality": lambda: EnglishOnlyQuality(language=WhitespaceWords()),
-            "repetition": lambda: EnglishOnlyRepetition(language=WhitespaceWords(), dup_para_frac=None,
-                                                        dup_line_char_frac=None, dup_para_char_frac=None,
-                                                        dup_n_grams=())}
-
-
-def _xxh64_str(data: str) -> int:
-    import xxhash
-
-    return xxhash.xxh64_intdigest(data.encode("utf-8"))
-
-
-def run_datatrove_minhash(input_dir: Path, work: Path, tasks: int, workers: int, blocks: dict[str, Any],
-                          tokenizer: str | None) -> None:
-    from datatrove.executor import LocalPipelineExecutor
-    from datatrove.pipeline.dedup import (
-        MinhashDedupBuckets,
-        MinhashDedupCluster,
-        MinhashDedupFilter,
-        MinhashDedupSignature,
-    )
-    from datatrove.pipeline.dedup.minhash import MinhashConfig
-    from datatrove.pipeline.readers import JsonlReader
-    from datatrove.pipeline.tokens import DocumentTokenizer
-    from datatrove.pipeline.writers import JsonlWriter
-
-    cfg = MinhashConfig(n_grams=5, num_buckets=20, hashes_per_bucket=10)
-    logs = work / "logs"
-
-    def ex(name: str, pipeline: list[Any], n: int, w: int) -> None:
-        LocalPipelineExecutor(pipeline=pipeline, tasks=n, workers=w, logging_dir=str(logs / name),
-                              skip_completed=False).run()
-
-    sig = MinhashDedupSignature(str(work / "sigs"), config=cfg, language=blocks["chars"]())
-    # datatrove 0.10.1 hands str to xxhash, which xxhash 4 refuses; same hash of the encoded string
-    sig._hash_func = _xxh64_str
-    ex("sig", [JsonlReader(str(input_dir), glob_pattern="*.jsonl"), sig], tasks, workers)
-    ex("buckets", [MinhashDedupBuckets(str(work / "sigs"), str(work / "buckets"), config=cfg)], cfg.num_buckets,
-       workers)
-    ex("cluster", [MinhashDedupCluster(str(work / "buckets"), str(work / "remove"), config=cfg)], 1, 1)
-    final: list[Any] = [JsonlReader(str(input_dir), glob_pattern="*.jsonl"), MinhashDedupFilter(str(work / "remove"))]
-    if tokenizer:
-        final.append(DocumentTokenizer(str(work / "tokens"), tokenizer_name_or_path=tokenizer,
-                                       eos_token="<|endoftext|>", shuffle_documents=False))
-    else:
-        final.append(JsonlWriter(str(work / "kept"), compression=None))
-    ex("filter", final, tasks, workers)
-
-
-def run_datatrove_chain(input_dir: Path, work: Path, tokenizer: str, blocks: dict[str, Any]) -> None:
-    from datatrove.executor import LocalPipelineExecutor
-    from datatrove.pipeline.readers import JsonlReader
-    from datatrove.pipeline.writers import JsonlWriter
-
-    LocalPipelineExecutor(pipeline=[JsonlReader(str(input_dir), glob_pattern="*.jsonl"), blocks["language_filter"](),
-                                    blocks["quality"](), blocks["repetition"](),
-                                    JsonlWriter(str(work / "filtered"), compression=None)],
-                          tasks=4, workers=2, logging_dir=str(work / "logs" / "filters"), skip_completed=False).run()
-    run_datatrove_minhash(work / "filtered", work, 4, 2, blocks, tokenizer)
 
 
 # ------------------------------------------------------------------------------------------------ main
