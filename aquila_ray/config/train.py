@@ -169,7 +169,16 @@ class TrainConfig:
     model: ModelConfig = field(default_factory=lambda: get_preset("tiny"))
     """The model shape (dense or MoE). In YAML: a preset name, {preset: NAME, field: value...}, or all fields."""
     data_dir: str = ""
-    """A prepared data directory (manifest.json + tokens/{train,validation}/*.arrow)."""
+    """A prepared data directory (manifest.json + tokens/{train,validation}/*.arrow): a local path or a URI
+    that pyarrow opens (s3://bucket/data, gs://..., file://...)."""
+    data_cache_bytes: int = 1 << 30
+    """Bytes of token-shard record batches each data reader (train, validation) keeps between steps: an LRU
+    drops the least recently used batch beyond this. Memory-mapped batches count their full size."""
+    data_shuffle_window: int = 0
+    """0: each epoch is one keyed permutation of all train sequences. N > 0: windows of N consecutive
+    sequences come in a keyed order and rows within each window in another, so a step reads few record
+    batches (for object storage, where a row costs its whole batch; keep N * (seq_len + 1) * 4 bytes below
+    data_cache_bytes). Changing it changes the sample order, like the seed."""
     init: Literal["scratch", "checkpoint", "upcycle"] = "scratch"
     """scratch: seeded random init; checkpoint: weights from ``init_from`` (same shape); upcycle: the MoE
     model is built online from the dense checkpoint ``init_from`` (each expert-parallel rank its experts)."""
@@ -216,6 +225,11 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if isinstance(self.model, str):
             self.model = get_preset(self.model)
+        _check_positive_int("TrainConfig", data_cache_bytes=self.data_cache_bytes)
+        window = self.data_shuffle_window
+        if not isinstance(window, int) or isinstance(window, bool) or window < 0:
+            raise ConfigError(f"TrainConfig.data_shuffle_window={window!r} must be an integer >= 0 (0: one "
+                              f"permutation of all sequences per epoch)")
         if not isinstance(self.data_start, int) or self.data_start < 0:
             raise ConfigError(f"TrainConfig.data_start={self.data_start!r} must be an integer >= 0")
         _check_positive_int("TrainConfig", steps=self.steps, global_batch_tokens=self.global_batch_tokens,

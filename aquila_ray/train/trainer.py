@@ -140,7 +140,9 @@ def run_training(cfg: TrainConfig, storage_path: str | os.PathLike[str], run_nam
         raise ConfigError(f"run_name={run_name!r} must be a non-empty name without '/' (reruns with the same "
                           f"name resume)")
     # workers run in their own directories: relative paths must mean what they meant to the caller
-    cfg = dataclasses.replace(cfg, data_dir=str(Path(cfg.data_dir).resolve()) if cfg.data_dir else cfg.data_dir,
+    # (a data_dir URI such as s3://bucket/tokens is left as it is)
+    local_data = cfg.data_dir and "://" not in cfg.data_dir
+    cfg = dataclasses.replace(cfg, data_dir=str(Path(cfg.data_dir).resolve()) if local_data else cfg.data_dir,
                               init_from=str(Path(cfg.init_from).resolve()) if cfg.init_from else None)
     validate(cfg)
     storage = str(storage_path)

@@ -127,8 +127,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     torch.manual_seed(cfg.seed * 1000 + dims.rank)
 
     manifest = read_manifest(cfg.data_dir)
-    train_data = TokenDataset(cfg.data_dir, "train", manifest)
-    val_data = TokenDataset(cfg.data_dir, "validation", manifest) if cfg.eval_every >= 0 else None
+    reader = {"cache_bytes": cfg.data_cache_bytes}
+    train_data = TokenDataset(cfg.data_dir, "train", manifest, shuffle_window=cfg.data_shuffle_window, **reader)
+    val_data = TokenDataset(cfg.data_dir, "validation", manifest, **reader) if cfg.eval_every >= 0 else None
     seq_len = manifest.seq_len
     batch = cfg.batch_sequences(seq_len)
     per_rank = batch // dims.world_size
