@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -37,17 +38,26 @@ class SourceConfig:
     name: str
     """Source name: recorded on every document, the key of mixing weights and of per-source stats."""
     paths: list[str]
-    """Files or globs (``*``, ``**``) of JSONL (.jsonl, .jsonl.gz, .json), Parquet or HTML (.html, .htm)."""
+    """Files or globs (``*``, ``?``, ``[..]``, ``**``) of JSONL (.jsonl, .json, plain or .gz/.bz2/.zst/.lz4),
+    Parquet or HTML (.html, .htm): local paths or URIs of any pyarrow filesystem (``s3://bucket/dir/*.jsonl.gz``,
+    ``gs://``, ``hdfs://``, ``file://``)."""
     weight: float | None = None
     """Mixing weight (relative share of characters in the train split); None keeps the source's natural size."""
     format: Literal["auto", "jsonl", "parquet", "html"] = "auto"
     """File format; ``auto`` picks it from the file name."""
     text_field: str = "text"
     """Field (JSONL) or column (Parquet) that holds the document text."""
+    source_field: str | None = "source"
+    """Field (JSONL) or column (Parquet) whose value, when it is a valid source name (a non-empty string of at
+    most 128 characters without '/', whitespace or control characters), becomes that record's source instead
+    of ``name``; other values fall back to ``name``. None: every record is ``name``. Sources found this way are
+    counted in stats.json like configured ones and mixed at their natural size (no weight)."""
 
     def __post_init__(self) -> None:
         _check(bool(self.name) and "/" not in self.name, "sources[].name", self.name,
                "expected a non-empty name without '/'")
+        _check(self.source_field is None or bool(self.source_field), f"sources[{self.name}].source_field",
+               self.source_field, "expected a field name, or null to ignore per-record sources")
         _check(bool(self.paths), f"sources[{self.name}].paths", self.paths, "expected at least one file or glob")
         if self.weight is not None:
             _check(self.weight > 0, f"sources[{self.name}].weight", self.weight, "expected a number > 0 or null")
@@ -170,12 +180,89 @@ class ToxicConfig:
             _check(Path(path).is_file(), f"toxic.term_files.{lang}", path, "expected an existing file")
 
 
+def _default_tag_hosts() -> dict[str, str]:
+    return {
+        "wikipedia.org": "encyclopedia", "baike.baidu.com": "encyclopedia", "baike.sogou.com": "encyclopedia",
+        "britannica.com": "encyclopedia",
+        "github.com": "code", "gitee.com": "code", "gitlab.com": "code", "stackoverflow.com": "code",
+        "arxiv.org": "academic", "cnki.net": "academic", "semanticscholar.org": "academic", "edu": "academic",
+        "edu.cn": "academic", "ac.uk": "academic",
+        "gov": "government", "gov.cn": "government", "gov.uk": "government",
+        "reuters.com": "news", "bbc.co.uk": "news", "xinhuanet.com": "news", "people.com.cn": "news",
+        "zhihu.com": "qa", "quora.com": "qa", "stackexchange.com": "qa",
+    }
+
+
+def _default_tag_keywords() -> dict[str, list[str]]:
+    return {
+        "code": [r"\bdef \w+\(", r"\bclass \w+\s*[:({]", r"#include\s*<", r"\bimport \w+", r"\bfunction\s*\w*\s*\(",
+                 r"\breturn\b[^\n]*;", r"\b(?:public|private) static\b", r"=>\s*\{", r"```"],
+        "academic": [r"\babstract\b", r"\barxiv\b", r"\bdoi:", r"\bet al\.", r"\bproceedings of\b",
+                     r"\btheorem\b", "摘要", "关键词", "参考文献", "定理"],
+        "news": [r"\breuters\b", r"\(ap\)", r"\bsaid on (?:monday|tuesday|wednesday|thursday|friday|saturday|sunday)\b",
+                 r"\bcorrespondent\b", "新华社", "记者", "据报道", "日电"],
+    }
+
+
+@dataclass
+class DomainTagConfig:
+    """Rules that give every kept document a ``domain`` tag (a column, not a filter): the first rule that
+    matches wins, in this order: ``sources`` (the record's source), ``hosts`` (its URL), ``keywords`` (its
+    first ``keyword_chars`` characters), else ``default``. A ``--config`` overlay adds entries to (or replaces
+    entries of) the default host and keyword tables; ``--set domain.tags.hosts={...}`` replaces a whole table."""
+
+    enabled: bool = True
+    """Compute the tag; off, every kept document is ``default``."""
+    sources: dict[str, str] = field(default_factory=dict)
+    """Source name -> domain, e.g. {wiki_zh: encyclopedia, the_stack: code}; checked first."""
+    hosts: dict[str, str] = field(default_factory=_default_tag_hosts)
+    """URL host suffix -> domain, matched on whole labels (``wikipedia.org`` matches ``zh.wikipedia.org``,
+    ``gov`` matches ``nasa.gov``); the longest matching suffix wins."""
+    keywords: dict[str, list[str]] = field(default_factory=_default_tag_keywords)
+    """Domain -> regular expressions (case-insensitive; plain words for zh, which has no word boundaries).
+    A document gets the domain with the most distinct patterns found, if at least ``min_keyword_hits``;
+    ties go to the domain listed first."""
+    keyword_chars: int = 2000
+    """Characters of the text (from the start) the keyword rules look at."""
+    min_keyword_hits: int = 2
+    """Distinct patterns of one domain that must occur for the keyword rule to tag a document."""
+    default: str = "general"
+    """Domain of a document no rule matches."""
+
+    def __post_init__(self) -> None:
+        def name_ok(v: object) -> bool:
+            return isinstance(v, str) and bool(v) and "/" not in v and not any(c.isspace() for c in v)
+
+        valid = "expected a non-empty domain name without '/' or spaces, e.g. 'code'"
+        _check(name_ok(self.default), "domain.tags.default", self.default, valid)
+        for k, v in self.sources.items():
+            _check(name_ok(v), f"domain.tags.sources.{k}", v, valid)
+        self.hosts = {str(h).lower().strip(".").strip(): d for h, d in self.hosts.items()}
+        for h, d in self.hosts.items():
+            _check(bool(h), "domain.tags.hosts", h, "expected a host suffix such as 'wikipedia.org' or 'gov'")
+            _check(name_ok(d), f"domain.tags.hosts.{h}", d, valid)
+        for d, patterns in self.keywords.items():
+            _check(name_ok(d), "domain.tags.keywords", d, valid)
+            _check(isinstance(patterns, list) and all(isinstance(p, str) and p for p in patterns),
+                   f"domain.tags.keywords.{d}", patterns, "expected a list of non-empty regular expressions")
+            for pat in patterns:
+                try:
+                    re.compile(pat)
+                except re.error as e:
+                    raise ConfigError(f"domain.tags.keywords.{d}={pat!r} is not valid; not a regular expression "
+                                      f"({e})") from e
+        _check(self.keyword_chars > 0, "domain.tags.keyword_chars", self.keyword_chars, "expected > 0")
+        _check(self.min_keyword_hits >= 1, "domain.tags.min_keyword_hits", self.min_keyword_hits, "expected >= 1")
+
+
 @dataclass
 class DomainConfig:
     blocked_domains: list[str] = field(default_factory=list)
     """Domains whose pages are dropped (``domain.blocked``); subdomains match too."""
     blocked_url_substrings: list[str] = field(default_factory=list)
     """URL substrings that drop a page (``domain.url_pattern``)."""
+    tags: DomainTagConfig = field(default_factory=DomainTagConfig)
+    """The ``domain`` tag of kept documents (counted in stats.json, a mixing key with ``mix.by: domain``)."""
 
 
 @dataclass
@@ -208,10 +295,21 @@ class MixConfig:
     """Seed of the (hash-based, order-independent) mixing and split decisions."""
     validation_fraction: float = 0.02
     """Share of kept documents held out, by document, as the validation split."""
+    by: Literal["source", "domain"] = "source"
+    """Mixing key: ``source`` uses ``sources[].weight``; ``domain`` uses ``domain_weights`` over the domain
+    tags (AquilaMoE's corpus is mixed by domain)."""
+    domain_weights: dict[str, float] = field(default_factory=dict)
+    """With ``by: domain``: relative share of train characters per domain tag; domains not listed keep their
+    natural size and the listed ones share the rest."""
 
     def __post_init__(self) -> None:
         _check(0.0 <= self.validation_fraction < 1.0, "mix.validation_fraction", self.validation_fraction,
                "expected a fraction in [0, 1)")
+        _check(self.by in ("source", "domain"), "mix.by", self.by, "expected 'source' or 'domain'")
+        bad = {k: v for k, v in self.domain_weights.items() if not (isinstance(v, int | float) and v > 0)}
+        _check(not bad, "mix.domain_weights", bad, "expected a number > 0 per domain")
+        _check(self.by == "domain" or not self.domain_weights, "mix.domain_weights", self.domain_weights,
+               "only used with mix.by=domain; set mix.by=domain or remove them")
 
 
 @dataclass
@@ -228,8 +326,19 @@ class TokenizerConfig:
     """Separator appended after every document when packing; must be a special token."""
     split_digits: bool = True
     """Pre-tokenize digits one by one (LLaMA, Qwen)."""
+    sample_chars_per_lang: int = 5_000_000
+    """``prepare_data`` trains on a stratified sample of the clean train split: at most about this many
+    characters per language (each language's sources share its budget, see ``sample_source_split``; a
+    language with less text gives all of it). Documents are picked by a hash of (``mix.seed``, order), so the
+    sample is reproducible and independent of file and block layout."""
+    sample_chars_by_lang: dict[str, int] = field(default_factory=dict)
+    """Per-language budgets that replace ``sample_chars_per_lang``, e.g. {zh: 60000000, en: 40000000}."""
+    sample_source_split: Literal["proportional", "equal"] = "proportional"
+    """How a language's budget is split over its sources: ``proportional`` to their size (the same rate for
+    all), or ``equal`` shares (a source smaller than its share gives all of it, the rest is shared again)."""
     max_train_chars: int = 50_000_000
-    """Train the tokenizer on at most this many characters of the train split (in document order)."""
+    """``jobs.train_tokenizer`` (raw inputs, no Ray): train on at most this many characters, in input order.
+    ``prepare_data`` ignores it and uses the stratified sample above."""
 
     def __post_init__(self) -> None:
         if self.path is None:
@@ -240,22 +349,26 @@ class TokenizerConfig:
         else:
             _check(Path(self.path).is_file(), "tokenizer.path", self.path, "expected an existing tokenizer.json")
         _check(self.max_train_chars > 0, "tokenizer.max_train_chars", self.max_train_chars, "expected > 0")
+        _check(self.sample_chars_per_lang > 0, "tokenizer.sample_chars_per_lang", self.sample_chars_per_lang,
+               "expected > 0")
+        bad = {k: v for k, v in self.sample_chars_by_lang.items() if not (isinstance(v, int) and v > 0)}
+        _check(not bad, "tokenizer.sample_chars_by_lang", bad, "expected an integer > 0 per language")
+        _check(self.sample_source_split in ("proportional", "equal"), "tokenizer.sample_source_split",
+               self.sample_source_split, "expected 'proportional' or 'equal'")
 
 
 @dataclass
 class PackConfig:
     seq_len: int = 128
     """Tokens per training sequence; each stored row holds seq_len + 1 tokens."""
-    num_train_shards: int = 2
-    """Train documents are hashed into this many shards (files)."""
-    num_validation_shards: int = 1
-    """Validation documents are hashed into this many shards."""
+    target_shard_bytes: int = 1024**3
+    """Size a token shard aims at (uint32 tokens): each split gets ceil(its stored bytes / this) shards,
+    documents hashed into them. It bounds what one packing task holds, so it must fit a worker's memory."""
 
     def __post_init__(self) -> None:
         _check(self.seq_len >= 1, "pack.seq_len", self.seq_len, "expected >= 1")
-        _check(self.num_train_shards >= 1, "pack.num_train_shards", self.num_train_shards, "expected >= 1")
-        _check(self.num_validation_shards >= 1, "pack.num_validation_shards", self.num_validation_shards,
-               "expected >= 1")
+        _check(self.target_shard_bytes >= 4 * (self.seq_len + 1), "pack.target_shard_bytes",
+               self.target_shard_bytes, f"expected >= one row ({4 * (self.seq_len + 1)} bytes), e.g. 1073741824")
 
 
 @dataclass
@@ -270,6 +383,9 @@ class DataConfig:
     """rejected/ keeps at most this many characters of each dropped text (the full size is recorded)."""
     num_workers: int = 0
     """Actors per pool when ``ray_compute`` is ``actors``; 0 = one per CPU of the cluster (at least 1)."""
+    shuffle_partitions: int = 0
+    """Hash partitions of every Ray Data shuffle (dedup groupbys and joins, mixing, packing); 0 = two per
+    cluster CPU. Raise it when a partition would not fit a worker's memory."""
     ray_compute: Literal["tasks", "actors"] = "tasks"
     """How Ray Data runs the filter and tokenize steps: ``tasks`` (no actor start-up; each worker process
     builds the step objects once and reuses them) or ``actors`` (an autoscaling actor pool)."""
@@ -300,6 +416,8 @@ class DataConfig:
         _check(bool(self.output), "output", self.output, "expected a directory")
         _check(self.max_doc_bytes > 0, "max_doc_bytes", self.max_doc_bytes, "expected > 0")
         _check(self.num_workers >= 0, "num_workers", self.num_workers, "expected >= 0 (0 = one per CPU)")
+        _check(self.shuffle_partitions >= 0, "shuffle_partitions", self.shuffle_partitions,
+               "expected >= 0 (0 = two per cluster CPU)")
         weights = [s.weight is None for s in self.sources]
         _check(all(weights) or not any(weights), "sources[].weight", [s.weight for s in self.sources],
                "give every source a weight, or none (natural proportions)")
@@ -309,6 +427,7 @@ class DataConfig:
         data = to_dict(self)
         data.pop("output")
         data.pop("num_workers")
+        data.pop("shuffle_partitions")
         data.pop("ray_compute")
         return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
 

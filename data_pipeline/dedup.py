@@ -14,13 +14,20 @@ are treated alike).
 
 from __future__ import annotations
 
+import logging
 from collections import Counter
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import xxhash
 
+from aquila_ray.errors import ConfigError, DataError
 from data_pipeline.config import DedupConfig
+
+if TYPE_CHECKING:  # the per-document steps above run without importing Ray
+    import ray.data
 
 _SHIFT32 = np.uint64(32)
 _MASK32 = np.uint64(0xFFFFFFFF)
@@ -181,3 +188,293 @@ def find_duplicates(order: np.ndarray, hashes: np.ndarray, signatures: np.ndarra
         if uf.find(j) != j:
             out[int(order[rows[j]])] = "dedup.near"
     return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The same decisions as ``find_duplicates``, as Ray Data shuffles: nothing per document reaches the driver.
+#
+# Every corpus-wide step is one hash shuffle followed by a vectorised pyarrow/numpy function over a whole
+# partition (``_by_key``): ``repartition(keys=...)`` puts all rows of a key into one block, and ``map_batches``
+# with ``batch_size=None`` hands that block over whole. This is how Ray's own ``GroupedData.map_groups`` runs,
+# minus its Python call per group (most LSH buckets hold one document, so a call per group would dominate).
+#
+#   exact    (order, exact_hash, signature) by exact_hash: the smallest order per hash survives
+#   buckets  survivors -> (band, key, order) rows, by (band, key): head = smallest order of each bucket;
+#            every other member gives one candidate pair (head, member), one request row per end
+#   verify   requests join the survivors' signatures on order (Dataset.join), then by (head, member): both ends
+#            meet, agreement >= threshold makes the pair an edge (head, member), head < member
+#   labels   connected components of the edges by alternating large-star / small-star rounds (Kiveris et al.,
+#            "Connected Components in MapReduce and Beyond", SoCC 2014), each one shuffle by node; the driver
+#            reads one number per round, how many nodes are not yet in a star. In the final star forest every
+#            non-centre node (a larger order) is a near duplicate of its centre, the component's smallest order.
+# ----------------------------------------------------------------------------------------------------------------
+
+EXACT_REASON = "dedup.exact"
+NEAR_REASON = "dedup.near"
+_MAX_ROUNDS = 100  # large-star/small-star needs O(log^2 n) rounds; 100 is never reached by a correct run
+_RESULT_SCHEMA = pa.schema([("order", pa.int64()), ("dup_reason", pa.string())])
+_EDGE_SCHEMA = pa.schema([("lo", pa.int64()), ("hi", pa.int64())])
+
+log = logging.getLogger(__name__)
+
+
+def _band_multipliers(rows_per_band: int) -> np.ndarray:
+    """The band-key multipliers ``find_duplicates`` uses (same seed, same draw)."""
+    return np.random.default_rng(12345).integers(1, 1 << 61, size=rows_per_band, dtype=np.uint64) | np.uint64(1)
+
+
+def _signature_matrix(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    """(rows, width) uint32 view of a ``fixed_size_list<uint32>[width]`` column."""
+    arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    if arr.null_count:
+        raise DataError(f"dedup: column 'signature' has {arr.null_count} null rows; expected a MinHash signature "
+                        "on every surviving document")
+    width = arr.type.list_size
+    return arr.flatten().to_numpy(zero_copy_only=False).astype(np.uint32, copy=False).reshape(len(arr), width)
+
+
+def _sorted(table: pa.Table, *keys: str) -> pa.Table:
+    return table.take(pc.sort_indices(table, sort_keys=[(k, "ascending") for k in keys]))
+
+
+def _run_starts(*columns: np.ndarray) -> np.ndarray:
+    """Boolean mask of the rows that start a run of equal values (over all columns) in sorted columns."""
+    n = columns[0].size
+    start = np.zeros(n, dtype=bool)
+    if n:
+        start[0] = True
+        for c in columns:
+            start[1:] |= c[1:] != c[:-1]
+    return start
+
+
+def _result_rows(order: np.ndarray | pa.Array, reason: str) -> pa.Table:
+    return pa.table({"order": pa.array(order, pa.int64()),
+                     "dup_reason": pa.repeat(pa.scalar(reason, pa.string()), len(order))}, schema=_RESULT_SCHEMA)
+
+
+# -- exact --------------------------------------------------------------------------------------------------------
+
+def _mark_exact(table: pa.Table) -> pa.Table:
+    """One exact_hash partition -> (order, exact_dup, signature): all but the smallest order per hash are dups."""
+    table = _sorted(table, "exact_hash", "order")
+    dup = ~_run_starts(table.column("exact_hash").to_numpy())
+    return table.drop_columns(["exact_hash"]).append_column("exact_dup", pa.array(dup, pa.bool_()))
+
+
+def _exact_rows(table: pa.Table) -> pa.Table:
+    return _result_rows(table.column("order").filter(table.column("exact_dup")), EXACT_REASON)
+
+
+def _exact_survivors(table: pa.Table) -> pa.Table:
+    return table.filter(pc.invert(table.column("exact_dup"))).drop_columns(["exact_dup"])
+
+
+# -- buckets ------------------------------------------------------------------------------------------------------
+
+def _band_rows(table: pa.Table, num_bands: int, rows_per_band: int) -> pa.Table:
+    """(order, signature) -> one (band, key, order) row per document and band, keys as in ``find_duplicates``."""
+    n = table.num_rows
+    sig = _signature_matrix(table.column("signature"))[:, :num_bands * rows_per_band].astype(np.uint64)
+    with np.errstate(over="ignore"):  # wrapping mod 2^64, as the reference
+        keys = (sig.reshape(n, num_bands, rows_per_band) * _band_multipliers(rows_per_band)).sum(axis=2)  # (n, B)
+    return pa.table({"band": pa.array(np.tile(np.arange(num_bands, dtype=np.int32), n)),
+                     "key": pa.array(keys.reshape(-1)),
+                     "order": pa.array(np.repeat(table.column("order").to_numpy(), num_bands))})
+
+
+def _bucket_requests(table: pa.Table) -> pa.Table:
+    """One (band, key) partition -> the candidate pairs (head, member) of its buckets, deduplicated within the
+    partition, as two request rows each (``order`` = the end whose signature is needed)."""
+    table = _sorted(table, "band", "key", "order")
+    order = table.column("order").to_numpy()
+    start = _run_starts(table.column("band").to_numpy(), table.column("key").to_numpy())
+    head = order[np.maximum.accumulate(np.where(start, np.arange(order.size), 0))] if order.size else order
+    head, member = head[~start], order[~start]
+    srt = np.lexsort((member, head))
+    head, member = head[srt], member[srt]
+    keep = _run_starts(head, member)
+    head, member = head[keep], member[keep]
+    return pa.table({"order": pa.array(np.concatenate([head, member]), pa.int64()),
+                     "head": pa.array(np.concatenate([head, head]), pa.int64()),
+                     "member": pa.array(np.concatenate([member, member]), pa.int64())})
+
+
+def _verify_pairs(table: pa.Table, threshold: float) -> pa.Table:
+    """One (head, member) partition of requests with their signatures -> the accepted edges (lo=head, hi=member).
+
+    Same test as ``find_duplicates``: the fraction of equal signature values, over the whole signature, is at
+    least ``threshold``."""
+    table = _sorted(table, "head", "member", "order")
+    head, member = table.column("head").to_numpy(), table.column("member").to_numpy()
+    order = table.column("order").to_numpy()
+    keep = _run_starts(head, member, order)  # a pair found in several bands (or partitions) is checked once
+    head, member, order = head[keep], member[keep], order[keep]
+    sig = _signature_matrix(table.column("signature").filter(pa.array(keep)))
+    # Every pair now has exactly two rows, the head's (order == head < member) first.
+    if not (np.array_equal(order[0::2], head[0::2]) and np.array_equal(order[1::2], member[1::2])):
+        raise RuntimeError("dedup: a candidate pair did not find both signatures; are 'order' values unique?")
+    agree = np.count_nonzero(sig[0::2] == sig[1::2], axis=1)
+    accept = agree / sig.shape[1] >= threshold  # float64, as np.mean in the reference
+    return pa.table({"lo": pa.array(head[0::2][accept], pa.int64()),
+                     "hi": pa.array(member[0::2][accept], pa.int64())}, schema=_EDGE_SCHEMA)
+
+
+# -- labels -------------------------------------------------------------------------------------------------------
+
+def _both_directions(table: pa.Table) -> pa.Table:
+    """Edges (lo, hi) -> adjacency rows (node, nb) in both directions; self-loops (round markers) dropped."""
+    lo, hi = table.column("lo").to_numpy(), table.column("hi").to_numpy()
+    real = lo != hi
+    lo, hi = lo[real], hi[real]
+    return pa.table({"node": pa.array(np.concatenate([lo, hi]), pa.int64()),
+                     "nb": pa.array(np.concatenate([hi, lo]), pa.int64())})
+
+
+def large_star(table: pa.Table) -> pa.Table:
+    """One node partition of adjacency rows (node, nb) -> edges (lo, hi).
+
+    Large-star: every neighbour larger than the node is linked to the smallest of the node's closed
+    neighbourhood. A node that is not settled (it has a smaller neighbour and more than one neighbour) also
+    emits a self-loop (node, node): the driver counts these to know whether the input was already a star
+    forest (then the output equals the input); the next step drops them.
+    """
+    table = _sorted(table, "node", "nb")
+    node, nb = table.column("node").to_numpy(), table.column("nb").to_numpy()
+    keep = _run_starts(node, nb)
+    node, nb = node[keep], nb[keep]
+    start = _run_starts(node)
+    group = np.cumsum(start) - 1
+    first = np.flatnonzero(start)
+    smallest = np.minimum(node[first], nb[first])[group]  # nb is sorted: the group's first is its smallest
+    degree = np.diff(np.r_[first, node.size])
+    unsettled = (nb[first] < node[first]) & (degree > 1)
+    larger = nb > node
+    markers = node[first][unsettled]
+    return pa.table({"lo": pa.array(np.concatenate([smallest[larger], markers]), pa.int64()),
+                     "hi": pa.array(np.concatenate([nb[larger], markers]), pa.int64())}, schema=_EDGE_SCHEMA)
+
+
+def small_star(table: pa.Table) -> pa.Table:
+    """One ``hi`` partition of edges (lo, hi) -> edges (lo, hi).
+
+    Small-star: a node and all its smaller neighbours are linked to the smallest of them. Self-loops (markers of
+    the previous large-star) are dropped."""
+    table = _sorted(table, "hi", "lo")
+    lo, hi = table.column("lo").to_numpy(), table.column("hi").to_numpy()
+    keep = _run_starts(hi, lo) & (lo != hi)
+    lo, hi = lo[keep], hi[keep]
+    start = _run_starts(hi)
+    smallest = lo[np.maximum.accumulate(np.where(start, np.arange(lo.size), 0))] if lo.size else lo
+    linked = lo != smallest
+    return pa.table({"lo": pa.array(np.concatenate([smallest[linked], lo[start]]), pa.int64()),
+                     "hi": pa.array(np.concatenate([lo[linked], hi[start]]), pa.int64())}, schema=_EDGE_SCHEMA)
+
+
+def _by_key(ds: ray.data.Dataset, keys: list[str], fn: Any, num_partitions: int, **fn_kwargs: Any
+            ) -> ray.data.Dataset:
+    """Hash-partition ``ds`` on ``keys`` and apply ``fn`` to each whole partition (a pyarrow Table)."""
+    return ds.repartition(num_partitions, keys=keys).map_batches(
+        fn, batch_size=None, batch_format="pyarrow", zero_copy_batch=True, fn_kwargs=fn_kwargs or None)
+
+
+def _is_marker(table: pa.Table) -> pa.Table:
+    return table.filter(pc.equal(table.column("lo"), table.column("hi")))
+
+
+def component_leaves(edges: ray.data.Dataset, num_partitions: int) -> tuple[ray.data.Dataset, int]:
+    """Connected components of an undirected graph given as edges (lo, hi) with lo < hi, int64.
+
+    Returns the edges of the final star forest (lo = the component's smallest node, hi = every other node, each
+    once) as a materialized Dataset, and the number of large-star rounds run (1 when the input was already a
+    star forest). Runs its shuffles when called; the driver reads only one count per round.
+    """
+    current = edges
+    for rounds in range(1, _MAX_ROUNDS + 1):
+        if rounds > 1:  # small-star, then large-star on its output, executed as one pipeline below
+            current = _by_key(current, ["hi"], small_star, num_partitions)
+        current = _by_key(current.map_batches(_both_directions, batch_format="pyarrow", zero_copy_batch=True),
+                          ["node"], large_star, num_partitions).materialize()
+        unsettled = current.map_batches(_is_marker, batch_format="pyarrow", zero_copy_batch=True).count()
+        log.info("dedup: large-star round %d, %d nodes not yet in a star", rounds, unsettled)
+        if unsettled == 0:
+            return current, rounds
+    raise RuntimeError(f"dedup: connected components did not converge in {_MAX_ROUNDS} rounds")
+
+
+# -- the whole decision -------------------------------------------------------------------------------------------
+
+def _empty_result() -> ray.data.Dataset:
+    import ray.data
+
+    return ray.data.from_arrow(_RESULT_SCHEMA.empty_table())
+
+
+def default_num_partitions() -> int:
+    """Shuffle partitions when none are given: one per CPU of the running Ray cluster."""
+    import ray
+
+    return max(1, int(ray.cluster_resources().get("CPU", 1)))
+
+
+def duplicates_dataset(alive: ray.data.Dataset, config: DedupConfig, *,
+                       num_partitions: int | None = None) -> ray.data.Dataset:
+    """The duplicate documents among ``alive``, decided exactly as ``find_duplicates`` decides them.
+
+    ``alive``: the documents that survived the earlier filters, with columns ``order`` (int64, unique),
+    ``exact_hash`` (int64) and, when ``config.fuzzy``, ``signature`` (``fixed_size_list<uint32>[w]``); other
+    columns are ignored. It is read once.
+
+    Returns a Dataset with one row per duplicate: ``order`` (int64) and ``dup_reason`` (string,
+    ``dedup.exact`` or ``dedup.near``); every other document of ``alive`` is kept. Apply it with a join on
+    ``order`` (e.g. ``left_anti`` to keep, ``left_outer`` to label).
+
+    Runs the exact and near-duplicate shuffles when called (the connected components need one count per
+    round), so its blocks are already in the object store; nothing per document is collected on the driver.
+    ``num_partitions``: hash partitions of every shuffle (default: one per cluster CPU); raise it when a
+    partition (``rows / num_partitions`` documents with their signatures) would not fit a worker's memory.
+    """
+    if num_partitions is None:
+        num_partitions = default_num_partitions()
+    if num_partitions < 1:
+        raise ConfigError(f"dedup: num_partitions={num_partitions} is invalid; expected >= 1")
+    schema = alive.schema()
+    names = set(schema.names) if schema is not None else set()
+    missing = {"order", "exact_hash"} - names
+    if missing:
+        raise DataError(f"dedup: input columns {sorted(missing)} are missing (have {sorted(names)}); expected "
+                        "order (int64), exact_hash (int64) and signature (fixed_size_list<uint32>)")
+    width = 0
+    if config.fuzzy and "signature" in names:
+        sig_type = schema.types[schema.names.index("signature")]
+        if not (pa.types.is_fixed_size_list(sig_type) and pa.types.is_uint32(sig_type.value_type)):
+            raise DataError(f"dedup: column 'signature' has type {sig_type}; expected fixed_size_list<uint32>[w]")
+        width = sig_type.list_size
+    fuzzy = config.fuzzy and width >= config.num_bands * config.rows_per_band
+    columns = ["order", "exact_hash"] + (["signature"] if fuzzy else [])
+    rows = alive.select_columns(columns)
+    parts: list[ray.data.Dataset] = []
+    if config.exact:
+        marked = _by_key(rows, ["exact_hash"], _mark_exact, num_partitions).materialize()
+        parts.append(marked.map_batches(_exact_rows, batch_format="pyarrow", zero_copy_batch=True))
+        survivors = marked.map_batches(_exact_survivors, batch_format="pyarrow", zero_copy_batch=True)
+    else:
+        survivors = rows.drop_columns(["exact_hash"])
+    if fuzzy:
+        survivors = survivors.materialize()  # read twice: banding and the signature join
+        bands = survivors.map_batches(_band_rows, batch_format="pyarrow", zero_copy_batch=True,
+                                      fn_kwargs={"num_bands": config.num_bands,
+                                                 "rows_per_band": config.rows_per_band})
+        requests = _by_key(bands, ["band", "key"], _bucket_requests, num_partitions)
+        with_sigs = requests.join(survivors, join_type="inner", num_partitions=num_partitions, on=("order",))
+        edges = _by_key(with_sigs, ["head", "member"], _verify_pairs, num_partitions,
+                        threshold=config.threshold).materialize()
+        num_edges = edges.count()
+        log.info("dedup: %d verified near-duplicate edges", num_edges)
+        if num_edges:
+            stars, _ = component_leaves(edges, num_partitions)
+            parts.append(stars.map_batches(lambda t: _result_rows(t.column("hi"), NEAR_REASON),
+                                           batch_format="pyarrow", zero_copy_batch=True))
+    if not parts:
+        return _empty_result()
+    return parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]

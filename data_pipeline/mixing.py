@@ -26,14 +26,18 @@ def assign_split(order: int, seed: int, validation_fraction: float) -> str:
 
 
 def mixing_rates(chars: dict[str, int], weights: dict[str, float | None]) -> dict[str, float]:
-    """Per-source repetition rate; natural proportions (all weights None) give 1.0 everywhere."""
-    if all(w is None for w in weights.values()):
-        return {s: 1.0 for s in chars}
-    total = sum(chars.values())
-    wsum = sum(float(weights[s] or 0.0) for s in chars if chars[s] > 0)
+    """Per-key (source or domain) repetition rate. Keys without a weight (None or not listed) keep their
+    natural size (rate 1.0); the weighted keys share the characters they have together in proportion to
+    their weights. All weights None gives 1.0 everywhere; all weighted is the rule in the module docstring."""
+    weighted = {k: float(w) for k, w in weights.items() if w is not None and k in chars}
+    total = sum(chars[k] for k in weighted)
+    wsum = sum(w for k, w in weighted.items() if chars[k] > 0)
     rates = {}
-    for s, c in chars.items():
-        rates[s] = (float(weights[s] or 0.0) * total / (wsum * c)) if c > 0 and wsum > 0 else 0.0
+    for k, c in chars.items():
+        if k not in weighted:
+            rates[k] = 1.0
+        else:
+            rates[k] = weighted[k] * total / (wsum * c) if c > 0 and wsum > 0 else 0.0
     return rates
 
 

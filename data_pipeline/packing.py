@@ -5,6 +5,8 @@ not depend on Ray's scheduling; the stream is cut into consecutive, non-overlapp
 ``seq_len + 1`` tokens and the last row is padded with EOS. Concatenating a shard's rows therefore gives
 back exactly its documents separated by EOS (what the tests decode). This is the GPT-2/nanoGPT
 "concatenate and chunk" packing; the shard file format is ``aquila_ray.train.shards``.
+The pipeline groups the tokenized documents by (split, shard) with one Ray Data ``groupby``, so a group is
+one shard's documents (about ``pack.target_shard_bytes``) and no task rescans the tokenized set.
 """
 
 from __future__ import annotations
@@ -14,7 +16,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow.dataset as pads
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from aquila_ray.train.shards import write_token_shard
 
@@ -29,29 +32,34 @@ def pack(ids: list[np.ndarray], seq_len: int, pad_id: int) -> np.ndarray:
     return out.reshape(n, width)
 
 
-def pack_shard(tokenized_dir: str, split: str, shard: int, seq_len: int, eos_id: int,
-               out_path: str) -> dict[str, Any]:
-    """Read one (split, shard) group of the tokenized documents, pack it, write it (atomically)."""
-    dataset = pads.dataset(tokenized_dir, format="parquet")
-    cond = (pads.field("split") == split) & (pads.field("shard") == shard)
-    table = dataset.to_table(columns=["order", "source", "copies", "ids"], filter=cond)
-    rows = table.to_pydict()
-    pieces: list[tuple[int, int, np.ndarray, str]] = []
-    for order, source, copies, ids in zip(rows["order"], rows["source"], rows["copies"], rows["ids"], strict=True):
-        arr = np.asarray(ids, dtype=np.uint32)
-        for c in range(int(copies)):
-            pieces.append((c, int(order), arr, source))
-    pieces.sort(key=lambda p: (p[0], p[1]))
+def pack_group(table: pa.Table, seq_len: int, eos_id: int, out_path: str) -> dict[str, Any]:
+    """Pack one (split, shard) group of tokenized documents (columns order, source, copies, ids) and write
+    it atomically; the pipeline calls it from ``groupby(split, shard).map_groups``, so every tokenized row is
+    read once. A shard whose file already exists (a rerun after a crash) is counted, not rewritten."""
+    ids = pa.concat_arrays(table.column("ids").chunks) if table.num_rows else pa.array([], pa.list_(pa.uint32()))
+    values = ids.flatten().to_numpy()  # zero-copy view of the group's tokens (one shard, bounded by config)
+    lengths = pc.list_value_length(ids).to_numpy(zero_copy_only=False).astype(np.int64)
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
+    orders = table.column("order").to_numpy()
+    copies = table.column("copies").to_numpy().astype(np.int64)
+    sources = table.column("source").to_pylist()
+    pieces: list[np.ndarray] = []
+    for c in range(int(copies.max()) if copies.size else 0):  # copy 0 of every document, then copy 1, ...
+        rows = np.flatnonzero(copies > c)
+        pieces += [values[starts[i]:starts[i] + lengths[i]] for i in rows[np.argsort(orders[rows], kind="stable")]]
     tokens_per_source: Counter[str] = Counter()
-    for _, _, arr, source in pieces:
-        tokens_per_source[source] += int(arr.size)
-    result: dict[str, Any] = {"split": split, "shard": shard, "path": None, "num_sequences": 0,
-                              "num_documents": len(pieces), "tokens_per_source": dict(tokens_per_source),
-                              "num_padding": 0}
+    for source, n, k in zip(sources, lengths.tolist(), copies.tolist(), strict=True):
+        if k:
+            tokens_per_source[source] += n * k
+    result: dict[str, Any] = {"path": None, "num_sequences": 0, "num_documents": len(pieces),
+                              "tokens_per_source": dict(tokens_per_source), "num_padding": 0}
     if not pieces:
         return result
-    seqs = pack([p[2] for p in pieces], seq_len, eos_id)
-    write_token_shard(out_path, seqs)
-    result.update(path=str(Path(out_path)), num_sequences=int(seqs.shape[0]),
-                  num_padding=int(seqs.size - sum(tokens_per_source.values())))
+    width = seq_len + 1
+    num_tokens = sum(tokens_per_source.values())
+    num_sequences = -(-num_tokens // width)
+    if not Path(out_path).is_file():
+        write_token_shard(out_path, pack(pieces, seq_len, eos_id))
+    result.update(path=str(Path(out_path)), num_sequences=num_sequences,
+                  num_padding=num_sequences * width - num_tokens)
     return result

@@ -1,26 +1,35 @@
 """The data job: raw files -> clean/ + rejected/ + stats.json -> tokenizer.json -> tokens/ + manifest.json.
 
-``prepare_data(config)`` runs four stages on Ray; each leaves its output under a final name only when it is
-complete (temp dir + rename, or an atomic file), and a rerun skips every stage whose output exists
+``prepare_data(config)`` runs four stages on Ray. Every corpus-wide operation is a Ray Data operation
+(groupby, hash join, aggregation); the driver only plans input files and reads aggregated numbers, never a
+per-document table (DESIGN.md "The flow of data", STYLE.md rule 14). Each stage's unit of work leaves its
+output under a final name only when it is complete (temp name + rename), and a rerun skips every finished
+unit: an input file's records, a records file's clean/rejected parts, a clean part's tokens, a token shard
 (datatrove's completion markers, STYLE.md rule 8). A finished directory carries ``_SUCCESS`` with the
-config fingerprint, so a rerun of the same command returns at once, and a rerun after a crash redoes only
-the unfinished stage, with the same result (all decisions are functions of the document ``order``).
+config fingerprint, so a rerun of the same command returns at once. All decisions are functions of the
+document ``order`` and the seed, so a resumed run gives the same result as an uninterrupted one.
 
-1. records (Ray Data, streaming): read files -> StepChain (normalize, lang, quality, toxic, domain,
-   dedup signature) in an actor pool -> ``_work/records/`` Parquet, every input record with its reason.
-2. clean: exact + MinHash-LSH duplicates decided over the survivors' (order, hash, signature) table;
-   then per records file, a Ray task applies dedup, the validation split and mixing and writes
-   ``clean/part-i.parquet`` and ``rejected/part-i.parquet``; ``stats.json`` is counted from the reasons.
-3. tokenizer: train a byte-level BPE on the clean train split, or copy the given tokenizer.json.
-4. tokens (Ray Data): tokenize clean/ in an actor pool -> ``_work/tokenized/``; one Ray task per
-   (split, shard) packs and writes ``tokens/{split}/part-XXXXX.arrow``; then ``manifest.json``.
+1. records: one Ray Data task per input file reads it and runs the StepChain (normalize, lang, quality,
+   toxic, domain filter + tags, dedup signature) -> ``_work/records/part-<file>.parquet``, every input
+   record with its reason.
+2. clean: duplicates found on Ray Data (``dedup.duplicates_dataset``: groupby on the exact hash, MinHash
+   LSH buckets, label propagation by joins) -> ``_work/dups/`` sorted by order; mixing rates from one
+   anti-join + groupby aggregation over the survivors' (order, key, nchars); then one task per records
+   file applies its own range of dup decisions (a merge join on ``order``), the split and mixing and
+   writes ``clean/part-i.parquet`` and ``rejected/part-i.parquet``; ``stats.json`` is a groupby count over
+   clean/ and rejected/.
+3. tokenizer: train a byte-level BPE on a stratified per-language sample of clean/ drawn with Ray Data, or
+   copy the given tokenizer.json.
+4. tokens: one task per clean part tokenizes it -> ``_work/tokenized/part-i.parquet``; the shard count per
+   split follows the token total (``pack.target_shard_bytes``); one ``groupby(split, shard).map_groups``
+   reads every tokenized row once and writes ``tokens/{split}/part-XXXXX.arrow``; then ``manifest.json``.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
+import math
 import os
 import shutil
 import time
@@ -30,24 +39,38 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
+import ray
+from ray.data.aggregate import Count, Sum
+from ray.data.expressions import col
 
 from aquila_ray.config.base import to_dict
 from aquila_ray.errors import ConfigError, DataError
 from aquila_ray.train.shards import Manifest, ShardInfo, SplitInfo, write_manifest
+from data_pipeline import dedup
 from data_pipeline.config import DataConfig
-from data_pipeline.dedup import find_duplicates
 from data_pipeline.mixing import assign_split, copies_for, mixing_rates, unit_hash
-from data_pipeline.packing import pack_shard
-from data_pipeline.readers import plan_inputs, read_files_batch
+from data_pipeline.packing import pack_group
+from data_pipeline.readers import InputFile, plan_inputs, read_file
 from data_pipeline.steps import STEP_ORDER, StepChain
-from data_pipeline.tokenizer import Tokenize, eos_id, file_sha256, load_tokenizer, save_tokenizer, train_tokenizer
+from data_pipeline.tokenizer import (
+    Tokenize,
+    eos_id,
+    file_sha256,
+    load_tokenizer,
+    sample_for_tokenizer,
+    save_tokenizer,
+    train_tokenizer,
+)
 
 log = logging.getLogger(__name__)
 
 WORK = "_work"
 SUCCESS = "_SUCCESS"
+ORDER_SHIFT = 32  # order = file_index << 32 | record_index (readers.ORDER_SHIFT)
+READ_ROWS = 4096  # rows per batch when a task streams a Parquet part
 
 
 # ------------------------------------------------------------------------------------------------ schemas
@@ -55,28 +78,31 @@ def records_schema(num_perm: int) -> pa.Schema:
     return pa.schema([
         ("order", pa.int64()), ("id", pa.string()), ("source", pa.string()), ("url", pa.string()),
         ("text", pa.large_string()), ("nbytes", pa.int64()), ("nchars", pa.int64()), ("lang", pa.string()),
-        ("lang_score", pa.float64()), ("reason", pa.string()), ("exact_hash", pa.int64()),
-        ("signature", pa.list_(pa.uint32(), num_perm)),
+        ("lang_score", pa.float64()), ("domain", pa.string()), ("reason", pa.string()),
+        ("exact_hash", pa.int64()), ("signature", pa.list_(pa.uint32(), num_perm)),
     ])
 
 
 CLEAN_SCHEMA = pa.schema([
     ("order", pa.int64()), ("id", pa.string()), ("source", pa.string()), ("lang", pa.string()),
-    ("split", pa.string()), ("copies", pa.int32()), ("url", pa.string()), ("text", pa.large_string()),
+    ("domain", pa.string()), ("split", pa.string()), ("copies", pa.int32()), ("url", pa.string()),
+    ("text", pa.large_string()),
 ])
 REJECTED_SCHEMA = pa.schema([
     ("order", pa.int64()), ("id", pa.string()), ("source", pa.string()), ("lang", pa.string()),
-    ("reason", pa.string()), ("nbytes", pa.int64()), ("url", pa.string()), ("text", pa.large_string()),
+    ("domain", pa.string()), ("reason", pa.string()), ("nbytes", pa.int64()), ("url", pa.string()),
+    ("text", pa.large_string()),
 ])
+DUPS_SCHEMA = pa.schema([("order", pa.int64()), ("dup_reason", pa.string())])
 TOKENIZED_SCHEMA = pa.schema([
     ("order", pa.int64()), ("source", pa.string()), ("lang", pa.string()), ("split", pa.string()),
-    ("shard", pa.int32()), ("copies", pa.int32()), ("nchars", pa.int64()), ("num_tokens", pa.int64()),
-    ("ids", pa.list_(pa.uint32())),
+    ("copies", pa.int32()), ("nchars", pa.int64()), ("num_tokens", pa.int64()), ("ids", pa.list_(pa.uint32())),
 ])
+STATS_KEYS = ["source", "lang", "reason", "domain"]
 
 
 class _ChainUDF:
-    """Ray Data actor: the StepChain, output as an Arrow table with an explicit schema."""
+    """The StepChain, output as an Arrow table with an explicit schema."""
 
     def __init__(self, config: DataConfig) -> None:
         self.chain = StepChain(config)
@@ -85,70 +111,25 @@ class _ChainUDF:
     def __call__(self, batch: dict[str, Any]) -> pa.Table:
         out = self.chain(batch)
         out["nchars"] = np.asarray([len(t) for t in out["text"]], dtype=np.int64)
+        if "domain" not in out:  # the domain tagger is off: every document is "general"
+            out["domain"] = np.asarray(["" if r else "general" for r in out["reason"]], dtype=object)
         sig = np.ascontiguousarray(out.pop("signature"), dtype=np.uint32)
         width = self.schema.field("signature").type.list_size
         arrays = {k: pa.array(list(v) if v.dtype == object else v, type=self.schema.field(k).type)
-                  for k, v in out.items()}
+                  for k, v in out.items() if k in self.schema.names}
         arrays["signature"] = pa.FixedSizeListArray.from_arrays(pa.array(sig.reshape(-1), pa.uint32()), width)
         return pa.table([arrays[f.name] for f in self.schema], schema=self.schema)
-
-
-class _TokenizeUDF:
-    """Ray Data actor: Tokenize, output as an Arrow table (ids as list<uint32>)."""
-
-    def __init__(self, tokenizer_path: str, eos_token: str, seed: int, num_shards: dict[str, int]) -> None:
-        self.tokenize = Tokenize(tokenizer_path, eos_token)
-        self.seed = seed
-        self.num_shards = num_shards
-
-    def __call__(self, batch: dict[str, Any]) -> pa.Table:
-        out = self.tokenize(batch)
-        shards = [int(unit_hash(self.seed, int(o), "shard") * self.num_shards[str(s)])
-                  for o, s in zip(out["order"], out["split"], strict=True)]
-        ids = list(out["ids"])
-        offsets = np.zeros(len(ids) + 1, dtype=np.int32)
-        np.cumsum([a.size for a in ids], out=offsets[1:])
-        values = np.concatenate(ids) if ids else np.zeros(0, dtype=np.uint32)
-        cols = {
-            "order": pa.array(out["order"], pa.int64()), "source": pa.array(list(out["source"]), pa.string()),
-            "lang": pa.array(list(out["lang"]), pa.string()), "split": pa.array(list(out["split"]), pa.string()),
-            "shard": pa.array(shards, pa.int32()), "copies": pa.array(out["copies"], pa.int32()),
-            "nchars": pa.array(out["nchars"], pa.int64()), "num_tokens": pa.array(out["num_tokens"], pa.int64()),
-            "ids": pa.ListArray.from_arrays(pa.array(offsets), pa.array(values, pa.uint32())),
-        }
-        return pa.table([cols[f.name] for f in TOKENIZED_SCHEMA], schema=TOKENIZED_SCHEMA)
 
 
 _UDF_CACHE: dict[tuple[str, str], Any] = {}
 
 
 def _cached(cls: type, key: str, *args: Any) -> Any:
-    """One instance of a UDF class per worker process (the task-based counterpart of an actor's state)."""
+    """One instance of a setup-heavy class per worker process (the task-based counterpart of an actor)."""
     k = (cls.__name__, key)
     if k not in _UDF_CACHE:
         _UDF_CACHE[k] = cls(*args)
     return _UDF_CACHE[k]
-
-
-def _chain_task(batch: dict[str, Any], config: DataConfig) -> pa.Table:
-    return _cached(_ChainUDF, config.fingerprint(), config)(batch)
-
-
-def _tokenize_task(batch: dict[str, Any], tokenizer_path: str, eos_token: str, seed: int,
-                   num_shards: dict[str, int]) -> pa.Table:
-    key = f"{tokenizer_path}:{file_sha256(tokenizer_path)[:16]}:{seed}:{sorted(num_shards.items())}"
-    return _cached(_TokenizeUDF, key, tokenizer_path, eos_token, seed, num_shards)(batch)
-
-
-def _map(ds: Any, config: DataConfig, cls: type, task_fn: Any, args: tuple[Any, ...], batch_size: int) -> Any:
-    """map_batches either as tasks (default: no actor start-up, the UDF object cached per worker process) or
-    as an actor pool (``ray_compute: actors``: state pinned to long-lived actors, better on big clusters)."""
-    import ray
-
-    if config.ray_compute == "actors":
-        return ds.map_batches(cls, fn_constructor_args=args, batch_size=batch_size, num_cpus=1,
-                              compute=ray.data.ActorPoolStrategy(min_size=1, max_size=_num_workers(config)))
-    return ds.map_batches(task_fn, fn_args=args, batch_size=batch_size, num_cpus=1)
 
 
 def _num_perm(config: DataConfig) -> int:
@@ -158,8 +139,6 @@ def _num_perm(config: DataConfig) -> int:
 # ------------------------------------------------------------------------------------------------ helpers
 def _ensure_ray() -> bool:
     """Start a local Ray if none is running (returns True when we started it)."""
-    import ray
-
     if ray.is_initialized():
         return False
     ray.init()
@@ -167,11 +146,25 @@ def _ensure_ray() -> bool:
 
 
 def _num_workers(config: DataConfig) -> int:
-    import ray
-
     if config.num_workers:
         return config.num_workers
     return max(1, int(ray.available_resources().get("CPU", 1)))
+
+
+def _num_partitions(config: DataConfig) -> int:
+    """Hash partitions of every shuffle (join, groupby): ``shuffle_partitions`` or two per cluster CPU."""
+    if config.shuffle_partitions:
+        return config.shuffle_partitions
+    return max(2, 2 * int(ray.cluster_resources().get("CPU", 1)))
+
+
+def _read_parquet(path: Path, columns: list[str], alive_only: bool = False) -> Any:
+    """A Ray Data dataset of ``columns`` of the Parquet files under ``path`` (lazy; projection and the
+    ``reason == ""`` filter are pushed into the read)."""
+    ds = ray.data.read_parquet(str(path))
+    if alive_only:
+        ds = ds.filter(expr=col("reason") == "")
+    return ds.select_columns(columns)
 
 
 def _fresh_tmp(path: Path) -> Path:
@@ -185,6 +178,52 @@ def _write_json(path: Path, data: Any) -> None:
     tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
     tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False, sort_keys=False))
     os.replace(tmp, path)
+
+
+def _part(index: int) -> str:
+    return f"part-{index:05d}.parquet"
+
+
+def _write_parts(path: Path, schema: pa.Schema, tables: Any) -> int:
+    """Stream tables into one Parquet file under a temp name, then rename (a crash leaves no part)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
+    rows = 0
+    with pq.ParquetWriter(tmp, schema) as writer:
+        for t in tables:
+            writer.write_table(t.select(schema.names).cast(schema))
+            rows += t.num_rows
+        if rows == 0:
+            writer.write_table(schema.empty_table())
+    os.replace(tmp, path)
+    return rows
+
+
+def _per_file(config: DataConfig, items: list[dict[str, Any]], fn: Any, args: tuple[Any, ...]) -> int:
+    """Run ``fn(item, *args) -> rows`` once per item as Ray Data tasks (one item per task, the cluster's
+    CPUs in parallel, ``ray_compute: actors`` for an actor pool); the driver gets back only the row total."""
+    if not items:
+        return 0
+
+    def call(batch: dict[str, Any]) -> dict[str, Any]:
+        rows = [fn({k: v[i] for k, v in batch.items()}, *args) for i in range(len(batch["_i"]))]
+        return {"rows": np.asarray(rows, dtype=np.int64)}
+
+    ds: Any = ray.data.from_items([{"_i": i, **it} for i, it in enumerate(items)], override_num_blocks=len(items))
+    if config.ray_compute == "actors":
+        ds = ds.map_batches(_Caller, fn_constructor_args=(call,), batch_size=1, num_cpus=1,
+                            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=_num_workers(config)))
+    else:
+        ds = ds.map_batches(call, batch_size=1, num_cpus=1)
+    return int(ds.sum("rows") or 0)
+
+
+class _Caller:
+    def __init__(self, fn: Any) -> None:
+        self.fn = fn
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+        return self.fn(batch)
 
 
 def describe_plan(config: DataConfig) -> dict[str, Any]:
@@ -201,105 +240,173 @@ def describe_plan(config: DataConfig) -> dict[str, Any]:
     }
 
 
-# ------------------------------------------------------------------------------------------------ stages
-def _stage_records(config: DataConfig, out: Path) -> None:
-    import ray
+# ------------------------------------------------------------------------------------------------ 1. records
+def _records_file(item: dict[str, Any], config: DataConfig, records: str) -> int:
+    """Read one input file, run the step chain, write ``records/part-<file>.parquet``; returns its rows."""
+    f = InputFile(str(item["path"]), str(item["source"]), int(item["file_index"]), str(item["format"]),
+                  str(item["text_field"]), bool(item["missing"]))
+    chain = _cached(_ChainUDF, config.fingerprint(), config)
+    tables = (chain(b) for b in read_file(f, config.max_doc_bytes))
+    return _write_parts(Path(records) / _part(f.file_index), chain.schema, tables)
 
-    final = out / WORK / "records"
-    if final.is_dir():
+
+def _stage_records(config: DataConfig, out: Path) -> None:
+    records = out / WORK / "records"
+    if (records / SUCCESS).is_file():
         return
     files = plan_inputs(config)
+    todo = [f for f in files if not (records / _part(f.file_index)).is_file()]
+    log.info("records: %d of %d input files to read", len(todo), len(files))
+    items = [{"path": f.path, "source": f.source, "file_index": f.file_index, "format": f.format,
+              "text_field": f.text_field, "missing": f.missing} for f in todo]
+    records.mkdir(parents=True, exist_ok=True)
+    _per_file(config, items, _records_file, (config, str(records)))
+    _write_json(records / SUCCESS, {"files": len(files)})
+
+
+# ------------------------------------------------------------------------------------------------ 2. clean
+def _record_parts(out: Path) -> list[tuple[int, str]]:
+    """(file index, path) of every records part, by file index."""
+    return sorted((int(p.stem.split("-")[1]), str(p)) for p in (out / WORK / "records").glob("part-*.parquet"))
+
+
+def _stage_dups(config: DataConfig, out: Path) -> Path:
+    """``_work/dups/``: (order, dup_reason) of every duplicate, sorted by order, found on Ray Data."""
+    final = out / WORK / "dups"
+    if final.is_dir():
+        return final
     tmp = _fresh_tmp(final)
-    items = [dataclasses.asdict(f) for f in files]
-    ds: Any = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
-    ds = ds.map_batches(read_files_batch, batch_size=1, fn_kwargs={"max_doc_bytes": config.max_doc_bytes})
-    ds = _map(ds, config, _ChainUDF, _chain_task, (config,), batch_size=256)
-    ds.write_parquet(str(tmp))
+    tmp.mkdir(parents=True)
+    pq.write_table(DUPS_SCHEMA.empty_table(), tmp / "empty.parquet")  # readable even with no duplicates
+    if config.dedup.exact or config.dedup.fuzzy:
+        alive = _read_parquet(out / WORK / "records", ["order", "exact_hash", "signature"], alive_only=True)
+        dups = dedup.duplicates_dataset(alive, config.dedup, num_partitions=_num_partitions(config))
+        dups.sort("order").write_parquet(str(tmp))
     os.replace(tmp, final)
+    return final
 
 
-def _finalize_file(path: str, index: int, out: str, dups: dict[int, str], rates: dict[str, float],
-                   config: DataConfig) -> dict[str, Any]:
-    """Apply dedup, split and mixing to one records file; write clean/ and rejected/ parts for it."""
-    t = pq.read_table(path, columns=["order", "id", "source", "url", "text", "nbytes", "lang", "reason"]).to_pydict()
-    clean: dict[str, list[Any]] = {f.name: [] for f in CLEAN_SCHEMA}
-    rej: dict[str, list[Any]] = {f.name: [] for f in REJECTED_SCHEMA}
-    counts: Counter[tuple[str, str, str]] = Counter()
+def _mix_key(config: DataConfig) -> str:
+    return config.mix.by
+
+
+def _mix_weights(config: DataConfig) -> dict[str, float | None]:
+    if config.mix.by == "domain":
+        return dict(config.mix.domain_weights)
+    return {s.name: s.weight for s in config.sources}
+
+
+def _train_keys(batch: pa.Table, key: str, seed: int, validation_fraction: float) -> pa.Table:
+    """Ray Data UDF: the rows whose document lands in the train split, as (key, nchars)."""
+    orders = batch.column("order").to_pylist()
+    train = [assign_split(o, seed, validation_fraction) == "train" for o in orders]
+    return batch.filter(pa.array(train, pa.bool_())).select([key, "nchars"])
+
+
+def _stage_mixing(config: DataConfig, out: Path, dups: Path) -> dict[str, Any]:
+    """Mixing rates from each key's train characters after dedup: one anti-join of the survivors'
+    (order, key, nchars) with the duplicates, then a groupby sum; the driver reads one row per key."""
+    path = out / WORK / "mixing.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    key = _mix_key(config)
+    alive = _read_parquet(out / WORK / "records", ["order", key, "nchars"], alive_only=True)
+    dup_orders = _read_parquet(dups, ["order"])
+    kept = alive
+    if dup_orders.count():  # from the Parquet footers; an empty side has no columns to join on
+        kept = alive.join(dup_orders, join_type="left_anti", on=("order",), num_partitions=_num_partitions(config))
+    train = kept.map_batches(_train_keys, batch_format="pyarrow",
+                             fn_kwargs={"key": key, "seed": config.mix.seed,
+                                        "validation_fraction": config.mix.validation_fraction})
+    chars: dict[str, int] = {k: 0 for k, w in _mix_weights(config).items()}
+    for row in train.groupby(key, num_partitions=1).sum("nchars").iter_rows():  # one row per source/domain
+        chars[str(row[key])] = int(row["sum(nchars)"])
+    weights = _mix_weights(config)
+    mixing = {"by": key, "source_chars" if key == "source" else "domain_chars": chars,
+              "rates": mixing_rates(chars, weights), "weights": weights}
+    _write_json(path, mixing)
+    return mixing
+
+
+def _finalize_file(item: dict[str, Any], out: str, dups: str, rates: dict[str, float], key: str,
+                   config: DataConfig) -> int:
+    """Apply this file's dup decisions (its order range of the sorted dups: a merge join, not a broadcast),
+    the split and mixing to one records file; write its clean/ and rejected/ parts."""
+    index, path = int(item["index"]), str(item["path"])
+    lo, hi = index << ORDER_SHIFT, (index + 1) << ORDER_SHIFT
+    d = pads.dataset(dups, format="parquet", schema=DUPS_SCHEMA).to_table(
+        filter=(pc.field("order") >= lo) & (pc.field("order") < hi))
+    dup = dict(zip(d.column("order").to_pylist(), d.column("dup_reason").to_pylist(), strict=True))
     seed, vf = config.mix.seed, config.mix.validation_fraction
-    for i, order in enumerate(t["order"]):
-        reason = t["reason"][i] or dups.get(order, "")
-        split, copies = "", 1
-        if not reason:
-            split = assign_split(order, seed, vf)
-            if split == "train":
-                copies = copies_for(order, seed, rates.get(t["source"][i], 1.0))
-                if copies == 0:
-                    reason = "mix.downsampled"
-        counts[(t["source"][i], t["lang"][i], reason)] += 1
-        if reason:
-            for k in ("order", "id", "source", "lang", "reason", "nbytes", "url"):
-                rej[k].append(reason if k == "reason" else t[k][i])
-            rej["text"].append(t["text"][i][:config.rejected_text_chars])
-        else:
-            for k in ("order", "id", "source", "lang", "url", "text"):
-                clean[k].append(t[k][i])
-            clean["split"].append(split)
-            clean["copies"].append(copies)
-    name = f"part-{index:05d}.parquet"
-    for sub, data, schema in (("clean", clean, CLEAN_SCHEMA), ("rejected", rej, REJECTED_SCHEMA)):
-        d = Path(out) / sub
-        d.mkdir(parents=True, exist_ok=True)
-        tmp = d / (name + f".tmp-{os.getpid()}")
-        pq.write_table(pa.table(data, schema=schema), tmp)
-        os.replace(tmp, d / name)
-    return {"counts": [[s, lang, r, n] for (s, lang, r), n in counts.items()]}
+    columns = ["order", "id", "source", "url", "text", "nbytes", "lang", "domain", "reason"]
+    clean: list[pa.Table] = []
+    rejected: list[pa.Table] = []
+
+    def decide(t: dict[str, list[Any]]) -> tuple[pa.Table, pa.Table]:
+        n = len(t["order"])
+        reasons, splits, copies = list(t["reason"]), [""] * n, [1] * n
+        for i, order in enumerate(t["order"]):
+            reasons[i] = reasons[i] or dup.get(order, "")
+            if reasons[i]:
+                continue
+            splits[i] = assign_split(order, seed, vf)
+            if splits[i] == "train":
+                copies[i] = copies_for(order, seed, rates.get(t[key][i], 1.0))
+                if copies[i] == 0:
+                    reasons[i] = "mix.downsampled"
+        keep = pa.array([not r for r in reasons])
+        full = pa.table({**{k: t[k] for k in columns if k != "reason"}, "reason": reasons, "split": splits,
+                         "copies": pa.array(copies, pa.int32())})
+        rej = full.filter(pc.invert(keep))
+        rej = rej.set_column(rej.schema.get_field_index("text"), "text",
+                             pc.utf8_slice_codeunits(rej.column("text"), 0, config.rejected_text_chars))
+        return full.filter(keep), rej
+
+    for batch in pq.ParquetFile(path).iter_batches(batch_size=READ_ROWS, columns=columns):
+        c, r = decide(batch.to_pydict())
+        clean.append(c)
+        rejected.append(r)
+    name = _part(index)
+    _write_parts(Path(out) / "rejected" / name, REJECTED_SCHEMA, rejected)
+    return _write_parts(Path(out) / "clean" / name, CLEAN_SCHEMA, clean)
+
+
+def _group_counts(ds: Any, keys: list[str]) -> list[dict[str, Any]]:
+    """Rows per distinct ``keys`` value of a dataset: a Ray Data groupby count (small: bounded by the number
+    of sources x languages x domains x reasons)."""
+    return list(ds.groupby(keys, num_partitions=1).count().iter_rows())
 
 
 def _stage_clean(config: DataConfig, out: Path) -> None:
-    import ray
-
-    if (out / "stats.json").is_file() and (out / "clean").is_dir() and (out / "rejected").is_dir():
+    if (out / "stats.json").is_file():
         return
-    records = out / WORK / "records"
-    files = sorted(str(p) for p in records.glob("*.parquet"))
-    dataset = pads.dataset(files, format="parquet")
-    alive = dataset.to_table(columns=["order", "source", "nchars", "exact_hash", "signature"],
-                             filter=pads.field("reason") == "")
-    order = alive.column("order").to_numpy()
-    sig = None
-    if config.dedup.fuzzy and alive.num_rows:
-        sig = alive.column("signature").combine_chunks().flatten().to_numpy().reshape(alive.num_rows, -1)
-    dups = find_duplicates(order, alive.column("exact_hash").to_numpy(), sig, config.dedup)
-    # Mixing rates from the natural size (characters) of each source's train documents.
-    chars: Counter[str] = Counter({s.name: 0 for s in config.sources})
-    for o, s, n in zip(order.tolist(), alive.column("source").to_pylist(), alive.column("nchars").to_pylist(),
-                       strict=True):
-        if o not in dups and assign_split(o, config.mix.seed, config.mix.validation_fraction) == "train":
-            chars[s] += n
-    rates = mixing_rates(dict(chars), {s.name: s.weight for s in config.sources})
-    for sub in ("clean", "rejected"):
-        if (out / sub).exists():
-            shutil.rmtree(out / sub)
-    remote = ray.remote(num_cpus=1)(_finalize_file)
-    dups_ref = ray.put(dups)
-    results = ray.get([remote.remote(f, i, str(out), dups_ref, rates, config) for i, f in enumerate(files)])
-    counts: Counter[tuple[str, str, str]] = Counter()
-    for r in results:
-        for s, lang, reason, n in r["counts"]:
-            counts[(s, lang, reason)] += n
+    dups = _stage_dups(config, out)
+    mixing = _stage_mixing(config, out, dups)
+    parts = _record_parts(out)
+    todo = [{"index": i, "path": p} for i, p in parts if not (out / "clean" / _part(i)).is_file()]
+    log.info("clean: %d of %d records files to finalize", len(todo), len(parts))
+    _per_file(config, todo, _finalize_file, (str(out), str(dups), mixing["rates"], mixing["by"], config))
+    counts: Counter[tuple[str, ...]] = Counter()
+    kept = _read_parquet(out / "clean", ["source", "lang", "domain"])
+    for row in _group_counts(kept, ["source", "lang", "domain"]):
+        counts[(row["source"], row["lang"], "", row["domain"])] += int(row["count()"])
+    dropped = _read_parquet(out / "rejected", ["source", "lang", "domain", "reason"])
+    for row in _group_counts(dropped, ["source", "lang", "reason", "domain"]):
+        counts[(row["source"], row["lang"], row["reason"], row["domain"])] += int(row["count()"])
     stats = build_stats(counts)
-    stats["mixing"] = {"source_chars": dict(chars), "rates": rates,
-                       "weights": {s.name: s.weight for s in config.sources}}
+    stats["mixing"] = mixing
     _write_json(out / "stats.json", stats)
 
 
-def build_stats(counts: Counter[tuple[str, str, str]]) -> dict[str, Any]:
-    """stats.json from (source, lang, reason) -> documents. Per step: in, kept, dropped per reason, in
-    the order steps run; totals, per source and per language; and the check in == kept + dropped + invalid."""
+def build_stats(counts: Counter[tuple[str, ...]]) -> dict[str, Any]:
+    """stats.json from (source, lang, reason[, domain]) -> documents. Per step: in, kept, dropped per reason,
+    in the order steps run; totals, per source, per language and per domain; and the check
+    in == kept + dropped + invalid. Every input record is in exactly one count."""
     by_step: dict[str, Counter[str]] = {s: Counter() for s in STEP_ORDER}
     total = sum(counts.values())
-    kept = sum(n for (_, _, r), n in counts.items() if not r)
-    for (_, _, reason), n in counts.items():
+    kept = sum(n for tup, n in counts.items() if not tup[2])
+    for tup, n in counts.items():
+        reason = tup[2]
         if reason:
             step = reason.split(".", 1)[0]
             by_step[step][reason] += n
@@ -315,6 +422,8 @@ def build_stats(counts: Counter[tuple[str, str, str]]) -> dict[str, Any]:
     def group(key: int) -> dict[str, Any]:
         out: dict[str, dict[str, Any]] = {}
         for tup, n in sorted(counts.items()):
+            if key >= len(tup):
+                continue
             g = out.setdefault(tup[key] or "unknown", {"in": 0, "kept": 0, "dropped": {}, "invalid": {}})
             g["in"] += n
             reason = tup[2]
@@ -331,9 +440,11 @@ def build_stats(counts: Counter[tuple[str, str, str]]) -> dict[str, Any]:
         "steps": steps,
         "by_source": group(0),
         "by_lang": group(1),
+        "by_domain": group(3),
     }
 
 
+# ------------------------------------------------------------------------------------------------ 3. tokenizer
 def _stage_tokenizer(config: DataConfig, out: Path) -> None:
     path = out / "tokenizer.json"
     if path.is_file():
@@ -345,74 +456,111 @@ def _stage_tokenizer(config: DataConfig, out: Path) -> None:
         shutil.copyfile(config.tokenizer.path, tmp)
         os.replace(tmp, path)
         return
-    budget = config.tokenizer.max_train_chars
-
-    def texts() -> Any:
-        used = 0
-        for f in sorted((out / "clean").glob("*.parquet")):
-            t = pq.read_table(f, columns=["text", "split"])
-            for text, split in zip(t.column("text").to_pylist(), t.column("split").to_pylist(), strict=True):
-                if split != "train":
-                    continue
-                yield text[: budget - used]
-                used += min(len(text), budget - used)
-                if used >= budget:
-                    return
-
-    tok = train_tokenizer(texts(), config.tokenizer)
+    sample = sample_for_tokenizer(_read_parquet(out / "clean", ["order", "lang", "source", "split", "text"]),
+                                  config)
+    tok = train_tokenizer(sample.texts(), config.tokenizer)
     if tok.get_vocab_size() < 257:
         raise DataError(f"tokenizer trained on too little text (vocab {tok.get_vocab_size()}); "
                         f"is clean/ empty? See {out / 'stats.json'}")
+    stats = json.loads((out / "stats.json").read_text())
+    stats["tokenizer"] = sample.stats()  # written before tokenizer.json, the stage's completion marker
+    _write_json(out / "stats.json", stats)
     save_tokenizer(tok, path)
 
 
-def _stage_tokens(config: DataConfig, out: Path) -> None:
-    import ray
+# ------------------------------------------------------------------------------------------------ 4. tokens
+def _tokenize_file(item: dict[str, Any], out: str, tokenizer_path: str, eos_token: str) -> int:
+    """Tokenize one clean part -> ``_work/tokenized/part-i.parquet`` (ids end in EOS)."""
+    key = f"{tokenizer_path}:{file_sha256(tokenizer_path)[:16]}"
+    tokenize = _cached(Tokenize, key, tokenizer_path, eos_token)
 
+    def tables() -> Any:
+        for batch in pq.ParquetFile(str(item["path"])).iter_batches(
+                batch_size=512, columns=["order", "source", "lang", "split", "copies", "text"]):
+            t = tokenize(batch.to_pydict())
+            ids = list(t["ids"])
+            offsets = np.zeros(len(ids) + 1, dtype=np.int32)
+            np.cumsum([a.size for a in ids], out=offsets[1:])
+            values = np.concatenate(ids) if ids else np.zeros(0, dtype=np.uint32)
+            cols = {k: t[k] for k in ("order", "source", "lang", "split", "copies", "nchars", "num_tokens")}
+            cols["ids"] = pa.ListArray.from_arrays(pa.array(offsets), pa.array(values, pa.uint32()))
+            yield pa.table(cols)
+
+    return _write_parts(Path(out) / WORK / "tokenized" / _part(int(item["index"])), TOKENIZED_SCHEMA, tables())
+
+
+def _token_totals(batch: pa.Table) -> pa.Table:
+    """Ray Data UDF: stored tokens per row (every copy of a train document is packed)."""
+    stored = pc.multiply(batch.column("num_tokens"), pc.cast(batch.column("copies"), pa.int64()))
+    return pa.table({"split": batch.column("split"), "stored": stored})
+
+
+def _assign_shard(batch: pa.Table, seed: int, num_shards: dict[str, int]) -> pa.Table:
+    """Ray Data UDF: the shard of every document, a hash of its order (stable across runs and workers)."""
+    shards = [int(unit_hash(seed, int(o), "shard") * num_shards[str(s)])
+              for o, s in zip(batch.column("order").to_pylist(), batch.column("split").to_pylist(), strict=True)]
+    return batch.append_column("shard", pa.array(shards, pa.int32()))
+
+
+def _pack_task(group: pa.Table, out: str, seq_len: int, eos: int) -> pa.Table:
+    """Ray Data map_groups UDF: one (split, shard) group -> one token shard; returns one summary row."""
+    split, shard = str(group.column("split")[0].as_py()), int(group.column("shard")[0].as_py())
+    rel = f"tokens/{split}/part-{shard:05d}.arrow"
+    r = pack_group(group, seq_len, eos, str(Path(out) / rel))
+    return pa.table({"split": [split], "shard": [shard], "path": [rel if r["num_sequences"] else ""],
+                     "num_sequences": [r["num_sequences"]], "num_padding": [r["num_padding"]],
+                     "tokens_per_source": [json.dumps(r["tokens_per_source"])]})
+
+
+def _stage_tokens(config: DataConfig, out: Path) -> None:
     if (out / "manifest.json").is_file():
         return
     tok_path = out / "tokenizer.json"
     tok = load_tokenizer(tok_path)
     eos = eos_id(tok, config.tokenizer.eos_token)
-    num_shards = {"train": config.pack.num_train_shards, "validation": config.pack.num_validation_shards}
-    final = out / WORK / "tokenized"
-    if not final.is_dir():
-        tmp = _fresh_tmp(final)
-        columns = ["order", "source", "lang", "split", "copies", "text"]
-        ds: Any = ray.data.read_parquet(str(out / "clean"), columns=columns)
-        ds = _map(ds, config, _TokenizeUDF, _tokenize_task,
-                  (str(tok_path), config.tokenizer.eos_token, config.mix.seed, num_shards), batch_size=512)
-        ds.write_parquet(str(tmp))
-        os.replace(tmp, final)
-    remote = ray.remote(num_cpus=1)(pack_shard)
-    jobs = []
-    for split, n in num_shards.items():
-        for shard in range(n):
-            rel = f"tokens/{split}/part-{shard:05d}.arrow"
-            jobs.append(remote.remote(str(final), split, shard, config.pack.seq_len, eos, str(out / rel)))
-    results = ray.get(jobs)
-    splits = {s: SplitInfo() for s in num_shards}
+    tokenized = out / WORK / "tokenized"
+    parts = sorted((int(p.stem.split("-")[1]), str(p)) for p in (out / "clean").glob("part-*.parquet"))
+    todo = [{"index": i, "path": p} for i, p in parts if not (tokenized / _part(i)).is_file()]
+    log.info("tokens: %d of %d clean parts to tokenize", len(todo), len(parts))
+    _per_file(config, todo, _tokenize_file, (str(out), str(tok_path), config.tokenizer.eos_token))
+    splits = {s: SplitInfo() for s in ("train", "validation")}
+    # Shards per split from the stored bytes (uint32 tokens), so a shard is about target_shard_bytes.
+    stored = {s: 0 for s in splits}
+    totals = _read_parquet(tokenized, ["split", "num_tokens", "copies"])
+    per_split = totals.map_batches(_token_totals, batch_format="pyarrow").groupby("split", num_partitions=1)
+    for row in per_split.sum("stored").iter_rows():
+        stored[str(row["split"])] = int(row["sum(stored)"])
+    num_shards = {s: max(1, math.ceil(4 * n / config.pack.target_shard_bytes)) for s, n in stored.items()}
+    rows = _read_parquet(tokenized, ["order", "source", "split", "copies", "ids"])
+    rows = rows.map_batches(_assign_shard, batch_format="pyarrow",
+                            fn_kwargs={"seed": config.mix.seed, "num_shards": num_shards})
+    packed = rows.groupby(["split", "shard"], num_partitions=_num_partitions(config)).map_groups(
+        _pack_task, batch_format="pyarrow", fn_kwargs={"out": str(out), "seq_len": config.pack.seq_len, "eos": eos})
     tokens_per_source: Counter[str] = Counter()
     padding = 0
-    for r in sorted(results, key=lambda r: (r["split"], r["shard"])):
-        if r["path"] is None:
+    for r in sorted(packed.iter_rows(), key=lambda r: (r["split"], r["shard"])):  # one row per shard
+        if not r["path"]:
             continue
-        splits[r["split"]].files.append(ShardInfo(str(Path(r["path"]).relative_to(out)), r["num_sequences"]))
+        splits[r["split"]].files.append(ShardInfo(r["path"], int(r["num_sequences"])))
         if r["split"] == "train":
-            tokens_per_source.update(r["tokens_per_source"])
-        padding += r["num_padding"]
-    # Characters per token, per language (documents counted once, EOS excluded).
-    tt = pads.dataset(str(final), format="parquet").to_table(columns=["lang", "nchars", "num_tokens"]).to_pydict()
-    chars: Counter[str] = Counter()
-    toks: Counter[str] = Counter()
-    docs: Counter[str] = Counter()
-    for lang, nc, nt in zip(tt["lang"], tt["nchars"], tt["num_tokens"], strict=True):
-        chars[lang] += nc
-        toks[lang] += nt - 1
-        docs[lang] += 1
+            tokens_per_source.update(json.loads(r["tokens_per_source"]))
+        padding += int(r["num_padding"])
+    # Characters per token, per language (documents counted once, EOS excluded): a groupby aggregation.
+    chars: dict[str, int] = {}
+    toks: dict[str, int] = {}
+    docs: dict[str, int] = {}
+    per_lang = _read_parquet(tokenized, ["lang", "nchars", "num_tokens"])
+    for row in per_lang.groupby("lang", num_partitions=1).aggregate(
+            Sum("nchars"), Sum("num_tokens"), Count()).iter_rows():
+        lang = str(row["lang"])
+        chars[lang], docs[lang] = int(row["sum(nchars)"]), int(row["count()"])
+        toks[lang] = int(row["sum(num_tokens)"]) - docs[lang]
     cpt = {lang: round(chars[lang] / max(toks[lang], 1), 4) for lang in sorted(chars)}
     total_train = sum(tokens_per_source.values()) or 1
+    stats = json.loads((out / "stats.json").read_text())
     weights = {s.name: s.weight for s in config.sources}
+    for s in stats["by_source"]:  # sources named by the records themselves (a ``source`` field)
+        weights.setdefault(s, None)
     wsum = sum(w for w in weights.values() if w)
 
     def target(w: float | None) -> float | None:
@@ -429,10 +577,10 @@ def _stage_tokens(config: DataConfig, out: Path) -> None:
                         extra={"tokenizer": "tokenizer.json", "config_fingerprint": config.fingerprint(),
                                "chars_per_token": cpt, "num_padding_tokens": padding,
                                "packing": "documents joined by EOS, concatenated, cut into seq_len+1 rows"})
-    stats = json.loads((out / "stats.json").read_text())
-    stats["tokenize"] = {"chars_per_token": cpt, "documents": dict(docs), "tokens": dict(toks),
+    stats["tokenize"] = {"chars_per_token": cpt, "documents": docs, "tokens": toks,
                          "train_sequences": splits["train"].num_sequences,
                          "validation_sequences": splits["validation"].num_sequences,
+                         "shards": {s: len(splits[s].files) for s in splits},
                          "realized_source_proportions": {s: v["realized_proportion"] for s, v in sources.items()}}
     _write_json(out / "stats.json", stats)
     write_manifest(out, manifest)
@@ -440,8 +588,8 @@ def _stage_tokens(config: DataConfig, out: Path) -> None:
 
 def prepare_data(config: DataConfig) -> Path:
     """Run the whole data job; returns the output directory. Idempotent: a finished directory with the same
-    config returns at once; a partial one (after a crash) is completed. Uses the running Ray cluster if
-    there is one, else starts (and stops) a local one."""
+    config returns at once; a partial one (after a crash) is completed, redoing only unfinished files. Uses
+    the running Ray cluster if there is one, else starts (and stops) a local one."""
     out = Path(config.output).resolve()
     fp = config.fingerprint()
     done = out / SUCCESS
@@ -456,7 +604,8 @@ def prepare_data(config: DataConfig) -> Path:
         log.info("data in %s is complete; nothing to do", out)
         return out
     (out / WORK).mkdir(parents=True, exist_ok=True)
-    _write_json(record, {"fingerprint": fp, "config": to_dict(config)})
+    if not record.is_file():
+        _write_json(record, {"fingerprint": fp, "config": to_dict(config)})
     started = _ensure_ray()
     try:
         t0 = time.time()
@@ -469,7 +618,5 @@ def prepare_data(config: DataConfig) -> Path:
         _write_json(done, {"fingerprint": fp, "seconds": round(time.time() - t0, 2), "stage_seconds": timings})
     finally:
         if started:
-            import ray
-
             ray.shutdown()
     return out

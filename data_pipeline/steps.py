@@ -4,7 +4,9 @@ Each step is a callable class (expensive setup in ``__init__``, as Ray Data want
 plain ``dict[str, list]`` batch with the columns of ``readers.COLUMNS``. Records that are already dropped
 (``reason != ""``) pass through untouched, so a record is counted by exactly one step. Every step keeps
 counters ``in``, ``kept`` and ``dropped.<reason>`` (datatrove's BaseFilter stats). ``STEPS`` is the
-registry and the order they run in; ``build_steps(config)`` instantiates it.
+registry and the order they run in; ``build_steps(config)`` instantiates it. Besides filters, two steps
+only add columns to every record: ``domain_tag`` (``domain``) and ``signature`` (``exact_hash``,
+``signature``).
 
 Prior art: datatrove (filters/gopher_*.py, c4_filters.py, fineweb_quality_filter.py), NeMo Curator
 (heuristic filters, MinHash), Gopher (Rae et al. 2021, appendix A), C4 (Raffel et al. 2020),
@@ -27,6 +29,7 @@ from data_pipeline.config import (
     ChineseQualityConfig,
     DataConfig,
     DomainConfig,
+    DomainTagConfig,
     EnglishQualityConfig,
     LanguageConfig,
     NormalizeConfig,
@@ -302,6 +305,23 @@ class Toxic(Step):
 
 
 # ---------------------------------------------------------------------------------------------------- domain
+def url_host(url: str) -> str:
+    """Lower-case host of a URL (also of one without a scheme, ``example.org/a``); "" when there is none."""
+    if not url:
+        return ""
+    u = url.lower()
+    try:
+        return (urlsplit(u if "//" in u else "//" + u).hostname or "").rstrip(".")
+    except ValueError:
+        return ""
+
+
+def _host_suffixes(host: str) -> list[str]:
+    """``a.b.org`` -> [``a.b.org``, ``b.org``, ``org``]: the whole-label suffixes, longest first."""
+    parts = host.split(".") if host else []
+    return [".".join(parts[j:]) for j in range(len(parts))]
+
+
 class DomainFilter(Step):
     """Drops pages whose URL's host is (a subdomain of) a blocked domain, or whose URL holds a blocked
     substring (C4 / RefinedWeb URL filtering). Documents without a URL pass."""
@@ -316,14 +336,9 @@ class DomainFilter(Step):
     def blocked(self, url: str) -> str:
         if not url:
             return ""
-        u = url.lower()
-        try:
-            host = (urlsplit(u if "//" in u else "//" + u).hostname or "").rstrip(".")
-        except ValueError:
-            host = ""
-        parts = host.split(".")
-        if any(".".join(parts[j:]) in self.domains for j in range(len(parts))):
+        if any(h in self.domains for h in _host_suffixes(url_host(url))):
             return "blocked"
+        u = url.lower()
         if any(s in u for s in self.substrings):
             return "url_pattern"
         return ""
@@ -335,6 +350,42 @@ class DomainFilter(Step):
                 self.drop(batch, i, reason)
 
 
+class DomainTagger(Step):
+    """Adds ``domain`` (str) to every record: the tag of a kept record by the first rule that matches
+    (source name, then URL host suffix, then keywords in the first characters, else the default); ""
+    for records already dropped. A tag, not a filter: it drops nothing. Counters ``tagged.<domain>``.
+    Rules as in DoReMi / the Pile's per-domain mixing, where a domain is a source or a site family."""
+
+    name = "domain_tag"
+
+    def __init__(self, config: DomainTagConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.keywords = [(d, [re.compile(p, re.IGNORECASE) for p in pats]) for d, pats in config.keywords.items()]
+
+    def domain_of(self, source: str, url: str, text: str) -> str:
+        cfg = self.config
+        if source in cfg.sources:
+            return cfg.sources[source]
+        for suffix in _host_suffixes(url_host(url)):
+            if suffix in cfg.hosts:
+                return cfg.hosts[suffix]
+        head = text[:cfg.keyword_chars]
+        best, best_hits = cfg.default, cfg.min_keyword_hits - 1
+        for domain, patterns in self.keywords:
+            hits = sum(1 for p in patterns if p.search(head))
+            if hits > best_hits:
+                best, best_hits = domain, hits
+        return best
+
+    def process(self, batch: Batch, alive: list[int]) -> None:
+        domains = [""] * len(batch["reason"])
+        for i in alive:
+            domains[i] = self.domain_of(batch["source"][i], batch["url"][i], batch["text"][i])
+            self.counts[f"tagged.{domains[i]}"] += 1
+        batch["domain"] = domains
+
+
 # ---------------------------------------------------------------------------------------------------- registry
 # name -> factory(config). The order is the order documents flow through; dedup.exact / dedup.near and
 # mix.* reasons are decided after these (they need the whole corpus), see run.py.
@@ -344,9 +395,11 @@ STEPS: dict[str, Callable[[DataConfig], Step | DedupSignature]] = {
     "quality": lambda c: Quality(c.quality),
     "toxic": lambda c: Toxic(c.toxic),
     "domain": lambda c: DomainFilter(c.domain),
+    "domain_tag": lambda c: DomainTagger(c.domain.tags),
     "signature": lambda c: DedupSignature(c.dedup),
 }
-# Every reason prefix in the order records can get it; "read" is the reader's (invalid records).
+# Every reason prefix in the order records can get it; "read" is the reader's (invalid records). The
+# domain_tag and signature steps drop nothing, so they have no reasons.
 STEP_ORDER = ("read", "normalize", "lang", "quality", "toxic", "domain", "dedup", "mix")
 
 
@@ -356,6 +409,8 @@ def build_steps(config: DataConfig) -> list[Step | DedupSignature]:
         if name == "quality" and not config.quality.enabled:
             continue
         if name == "toxic" and not config.toxic.enabled:
+            continue
+        if name == "domain_tag" and not config.domain.tags.enabled:
             continue
         steps.append(make(config))
     return steps

@@ -3,21 +3,48 @@
 Byte-level BPE (GPT-2, Qwen, Aquila) covers any UTF-8 text with no unknown token; digits can be split one
 by one (LLaMA, Qwen) so numbers do not become arbitrary merges. No normalizer: the pipeline already
 normalized the text, and decode(encode(text)) == text holds exactly, which the tests check.
+
+The training text of ``prepare_data`` is a stratified sample of the clean train split, drawn with Ray
+Data (``sample_for_tokenizer``), so a corpus dominated by one language or source still gives a balanced
+zh/en vocabulary (the concern behind Qwen's and Aquila's bilingual tokenizers). Three passes, none of which
+brings per-document data to the driver beyond the sample itself:
+
+1. one aggregation: characters and documents per (lang, source) stratum -> a table of #langs x #sources rows;
+2. per stratum a character quota (the language's budget split over its sources) and a candidate rate a bit
+   above quota / size; the rows with ``unit_hash(seed, order, "tokenizer")`` below it send (order, hash,
+   nchars), not text, to the driver, which takes them by increasing hash until the quota is reached: the cut;
+3. the rows at or below their stratum's cut stream their text to the trainer with ``iter_batches``.
+
+So every stratum gets its quota, exceeded by less than its last document (the bottom-k priority sample of
+Cohen & Kaplan; with the candidates' 2x margin a stratum ends short only with vanishing probability, and
+then it keeps all its candidates), and the sample depends only on (seed, order), not on files or blocks.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from aquila_ray.errors import DataError
 from data_pipeline.config import DataConfig, TokenizerConfig
+from data_pipeline.mixing import unit_hash
+
+if TYPE_CHECKING:
+    import ray.data
+
+SALT = "tokenizer"
+# Candidates: rate = min(1, CANDIDATE_MARGIN * quota / chars + CANDIDATE_EXTRA_DOCS / docs).
+CANDIDATE_MARGIN = 2.0
+CANDIDATE_EXTRA_DOCS = 16
 
 
 def train_tokenizer(texts: Iterable[str], config: TokenizerConfig) -> Tokenizer:
@@ -119,3 +146,191 @@ def train_tokenizer_from_inputs(config: DataConfig, output: str | Path) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     save_tokenizer(tok, out)
     return out
+
+
+# ------------------------------------------------------------------------------------------------ the sample
+@dataclass
+class Stratum:
+    """One (lang, source) of the clean train split and what the sample takes from it."""
+
+    lang: str
+    source: str
+    chars: int
+    """Characters of the stratum's train documents."""
+    docs: int
+    """Its train documents."""
+    quota: float
+    """Characters the sample should take (its share of the language's budget; >= chars means all)."""
+    cut: tuple[float, int] | None = None
+    """(hash, order) of the last document taken; None = every document (the quota covers the stratum)."""
+    sample_chars: int = 0
+    """Characters the sample takes."""
+    sample_docs: int = 0
+    """Documents the sample takes."""
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return self.lang, self.source
+
+
+def language_budget(config: TokenizerConfig, lang: str) -> int:
+    return config.sample_chars_by_lang.get(lang, config.sample_chars_per_lang)
+
+
+def split_budget(budget: float, chars: dict[str, int], how: str) -> dict[str, float]:
+    """A language's character budget over its sources. ``proportional``: one rate min(1, budget / total) for
+    all; ``equal``: water-filling, each source min(its size, an equal share of what the smaller ones left)."""
+    if how == "proportional":
+        rate = min(1.0, budget / max(sum(chars.values()), 1))
+        return {s: c * rate for s, c in chars.items()}
+    out: dict[str, float] = {}
+    left = float(budget)
+    ordered = sorted(chars.items(), key=lambda kv: (kv[1], kv[0]))
+    for i, (s, c) in enumerate(ordered):
+        out[s] = min(float(c), left / (len(ordered) - i))
+        left -= out[s]
+    return out
+
+
+def plan_strata(table: list[dict[str, Any]], config: TokenizerConfig) -> list[Stratum]:
+    """Strata with quotas from the aggregated rows {lang, source, chars, docs} (sorted by lang, source)."""
+    by_lang: dict[str, dict[str, tuple[int, int]]] = {}
+    for row in table:
+        by_lang.setdefault(str(row["lang"]), {})[str(row["source"])] = (int(row["chars"]), int(row["docs"]))
+    strata = []
+    for lang in sorted(by_lang):
+        sources = by_lang[lang]
+        quotas = split_budget(language_budget(config, lang), {s: c for s, (c, _) in sources.items()},
+                              config.sample_source_split)
+        for source in sorted(sources):
+            chars, docs = sources[source]
+            strata.append(Stratum(lang, source, chars, docs, quotas[source]))
+    return strata
+
+
+def _hashes(orders: Any, seed: int) -> np.ndarray:
+    return np.fromiter((unit_hash(seed, int(o), SALT) for o in orders), dtype=np.float64, count=len(orders))
+
+
+def _train_rows(batch: pa.Table) -> pa.Table:
+    """Train rows with ``nchars`` (code points, as len(str)) computed from the text when clean/ lacks it."""
+    batch = batch.filter(pc.equal(batch.column("split"), "train"))
+    if "nchars" not in batch.column_names:
+        batch = batch.append_column("nchars", pc.utf8_length(batch.column("text")).cast(pa.int64()))
+    return batch.select(["order", "lang", "source", "nchars"])
+
+
+def _block_counts(batch: pa.Table) -> pa.Table:
+    """Characters and documents per (lang, source) of one block: the partial aggregate, a few rows."""
+    t = _train_rows(batch).group_by(["lang", "source"]).aggregate([("nchars", "sum"), ("nchars", "count")])
+    return t.rename_columns({"nchars_sum": "chars", "nchars_count": "docs"}).select(["lang", "source", "chars", "docs"])
+
+
+def _candidates(batch: pa.Table, seed: int, rates: dict[tuple[str, str], float]) -> pa.Table:
+    """Rows whose hash is below their stratum's candidate rate: (lang, source, order, u, nchars), no text."""
+    u = _hashes(batch.column("order").to_numpy(), seed)
+    keys = zip(batch.column("lang").to_pylist(), batch.column("source").to_pylist(), strict=True)
+    keep = np.fromiter((h < rates.get(k, 0.0) for h, k in zip(u, keys, strict=True)), dtype=bool, count=len(u))
+    return batch.append_column("u", pa.array(u, pa.float64())).filter(pa.array(keep))
+
+
+def _selected(batch: pa.Table, seed: int, cuts: dict[tuple[str, str], tuple[float, int] | None]) -> pa.Table:
+    """The sample's rows of a clean batch (train split, stratum present, (hash, order) <= the cut): text."""
+    lang, source = batch.column("lang").to_pylist(), batch.column("source").to_pylist()
+    split, order = batch.column("split").to_pylist(), batch.column("order").to_pylist()
+    keep = np.zeros(batch.num_rows, dtype=bool)
+    for i in range(batch.num_rows):
+        key = (lang[i], source[i])
+        if split[i] != "train" or key not in cuts:
+            continue
+        cut = cuts[key]
+        keep[i] = cut is None or (unit_hash(seed, order[i], SALT), order[i]) <= cut
+    return batch.select(["text"]).filter(pa.array(keep))
+
+
+class TokenizerSample:
+    """The stratified tokenizer sample of a clean dataset (see the module docstring): ``texts()`` streams it,
+    ``stats()`` describes it (known before streaming, for stats.json's ``tokenizer``)."""
+
+    def __init__(self, clean: ray.data.Dataset, strata: list[Stratum], seed: int, budgets: dict[str, int]) -> None:
+        self.clean = clean
+        self.strata = strata
+        self.seed = seed
+        self.budgets = budgets
+
+    def texts(self, batch_size: int = 256) -> Iterator[str]:
+        """The sampled documents' texts (order of arrival varies; BPE training counts words, so it does
+        not depend on it). Only the sample crosses to the driver."""
+        cuts = {s.key: s.cut for s in self.strata if s.sample_docs}
+        if not cuts:
+            return
+        ds: Any = self.clean.select_columns(["order", "lang", "source", "split", "text"])
+        ds = ds.map_batches(_selected, batch_format="pyarrow", fn_kwargs={"seed": self.seed, "cuts": cuts})
+        for batch in ds.iter_batches(batch_size=batch_size, batch_format="pyarrow"):
+            yield from batch.column("text").to_pylist()
+
+    def stats(self) -> dict[str, Any]:
+        """Per language: budget, available and sampled characters and documents, share of the sample; per
+        stratum the same. Shares are of the sample's characters."""
+        total = sum(s.sample_chars for s in self.strata)
+        by_lang: dict[str, dict[str, Any]] = {}
+        for s in self.strata:
+            g = by_lang.setdefault(s.lang, {"budget": self.budgets[s.lang], "available_chars": 0,
+                                            "available_docs": 0, "chars": 0, "docs": 0})
+            g["available_chars"] += s.chars
+            g["available_docs"] += s.docs
+            g["chars"] += s.sample_chars
+            g["docs"] += s.sample_docs
+        for g in by_lang.values():
+            g["share"] = round(g["chars"] / total, 6) if total else 0.0
+        return {
+            "method": "stratified by (lang, source): per language at most its budget, split over its sources; "
+                      "documents by increasing unit_hash(mix.seed, order, 'tokenizer')",
+            "seed": self.seed, "chars": total, "docs": sum(s.sample_docs for s in self.strata),
+            "by_lang": by_lang,
+            "strata": [{"lang": s.lang, "source": s.source, "available_chars": s.chars, "available_docs": s.docs,
+                        "quota": round(min(s.quota, s.chars)), "chars": s.sample_chars, "docs": s.sample_docs}
+                       for s in self.strata],
+        }
+
+
+def sample_for_tokenizer(clean: ray.data.Dataset, config: DataConfig) -> TokenizerSample:
+    """Plan the stratified sample of ``clean`` (rows with order, lang, source, split, text, optionally nchars):
+    one aggregation and one candidate pass run now; ``texts()`` runs the third pass."""
+    from ray.data.aggregate import Sum
+
+    tcfg, seed = config.tokenizer, config.mix.seed
+    cols = ["order", "lang", "source", "split"]
+    cols.append("nchars" if "nchars" in clean.schema().names else "text")
+    projected: Any = clean.select_columns(cols)
+    # Each block reduces itself to a few rows first, so the groupby shuffles a table of about
+    # blocks x strata rows, for which one partition is plenty.
+    counts = projected.map_batches(_block_counts, batch_format="pyarrow")
+    table = counts.groupby(["lang", "source"], num_partitions=1).aggregate(
+        Sum("chars", alias_name="chars"), Sum("docs", alias_name="docs")).take_all()
+    strata = plan_strata(table, tcfg)
+    train = projected.map_batches(_train_rows, batch_format="pyarrow")
+    rates = {}
+    for s in strata:
+        if s.quota < s.chars:
+            rates[s.key] = min(1.0, CANDIDATE_MARGIN * s.quota / s.chars + CANDIDATE_EXTRA_DOCS / s.docs)
+        else:
+            s.sample_chars, s.sample_docs = s.chars, s.docs  # the whole stratum, cut None
+    if rates:
+        found: dict[tuple[str, str], list[tuple[float, int, int]]] = {k: [] for k in rates}
+        ds = train.map_batches(_candidates, batch_format="pyarrow", fn_kwargs={"seed": seed, "rates": rates})
+        for b in ds.iter_batches(batch_size=4096, batch_format="pyarrow"):
+            for lang, source, order, u, n in zip(*(b.column(c).to_pylist() for c in
+                                                   ("lang", "source", "order", "u", "nchars")), strict=True):
+                found[(lang, source)].append((u, order, n))
+        for s in strata:
+            if s.key not in rates:
+                continue
+            for u, order, n in sorted(found[s.key]):
+                if s.sample_chars >= s.quota:
+                    break
+                s.sample_chars += n
+                s.sample_docs += 1
+                s.cut = (u, order)
+    budgets = {s.lang: language_budget(tcfg, s.lang) for s in strata}
+    return TokenizerSample(clean, strata, seed, budgets)

@@ -18,6 +18,7 @@ from data_pipeline.config import (
     DataConfig,
     DedupConfig,
     DomainConfig,
+    DomainTagConfig,
     EnglishQualityConfig,
     LanguageConfig,
     NormalizeConfig,
@@ -31,11 +32,12 @@ from data_pipeline.config import (
 )
 from data_pipeline.dedup import DedupSignature, MinHasher, find_duplicates, jaccard
 from data_pipeline.mixing import assign_split, copies_for, mixing_rates
-from data_pipeline.packing import pack, pack_shard
+from data_pipeline.packing import pack, pack_group
 from data_pipeline.readers import COLUMNS, InputFile, html_to_text, read_file
 from data_pipeline.run import build_stats
 from data_pipeline.steps import (
     DomainFilter,
+    DomainTagger,
     LanguageId,
     Normalize,
     Quality,
@@ -154,6 +156,64 @@ def test_domain_filter() -> None:
     assert out["reason"] == ["domain.blocked", "", "domain.url_pattern", ""]
 
 
+def test_domain_tags_source_then_host_then_keywords_then_default() -> None:
+    cfg = DomainTagConfig(sources={"wiki": "encyclopedia"}, hosts={"example.org": "news", "sub.example.org": "code"},
+                          keywords={"academic": [r"\babstract\b", "摘要", r"\bet al\."], "code": [r"\bdef \w+\("]},
+                          min_keyword_hits=2, keyword_chars=60)
+    step = DomainTagger(cfg)
+    texts = ["Abstract: as shown by Smith et al. in 2020",  # wiki source wins over everything
+             "plain text",  # host suffix: a.example.org -> example.org
+             "plain text",  # the longest suffix wins
+             "Abstract: as shown by Smith et al. in 2020",  # two academic patterns, no URL
+             "本文摘要：我们研究了 (abstract) 的方法",  # zh keyword + en keyword
+             "Abstract only once",  # one hit < min_keyword_hits
+             "x" * 60 + " abstract et al.",  # the hits lie beyond keyword_chars
+             "Abstract, et al.",  # already dropped: no tag, not counted
+             "see https://sub.example.org.evil.com/ abstract et al."]  # a URL in the text is not the record's URL
+    urls = ["https://en.example.org/x", "https://a.example.org/x", "http://x.sub.example.org/y", "", "", "",
+            "", "", "ftp://evil.com"]
+    sources = ["wiki"] + ["web"] * 8
+    reasons = [""] * 7 + ["quality.en_too_few_words", ""]
+    out = step(batch_of(texts, url=urls, source=sources, reason=reasons))
+    assert out["domain"] == ["encyclopedia", "news", "code", "academic", "academic", "general", "general", "",
+                             "academic"]
+    assert out["reason"] == reasons  # a tag, not a filter
+    assert step.counts == {"in": 8, "kept": 8, "tagged.encyclopedia": 1, "tagged.news": 1, "tagged.code": 1,
+                           "tagged.academic": 3, "tagged.general": 2}
+
+
+def test_domain_tags_ties_go_to_the_first_domain_and_defaults_cover_common_hosts() -> None:
+    step = DomainTagger(DomainTagConfig(keywords={"a": ["x", "y"], "b": ["y", "z"]}, min_keyword_hits=1))
+    assert step.domain_of("s", "", "x y z") == "a"
+    assert step.domain_of("s", "", "z") == "b"
+    default = DomainTagger(DomainTagConfig())
+    got = {u: default.domain_of("s", u, "") for u in ["https://zh.wikipedia.org/wiki/A", "github.com/x/y",
+                                                     "https://arxiv.org/abs/1", "https://www.nasa.gov/",
+                                                     "http://www.moe.gov.cn/", "https://cs.stanford.edu/",
+                                                     "https://notwikipedia.org/", "not a url"]}
+    assert got == {"https://zh.wikipedia.org/wiki/A": "encyclopedia", "github.com/x/y": "code",
+                   "https://arxiv.org/abs/1": "academic", "https://www.nasa.gov/": "government",
+                   "http://www.moe.gov.cn/": "government", "https://cs.stanford.edu/": "academic",
+                   "https://notwikipedia.org/": "general", "not a url": "general"}
+    code = "import os\n\ndef main(argv):\n    return run(argv);\n"
+    assert default.domain_of("s", "", code) == "code"
+    assert default.domain_of("s", "", "新华社北京3月5日电（记者张三）今天召开会议。") == "news"
+
+
+def test_domain_tag_config_errors(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"domain.tags.keywords.code='\(' is not valid; not a regular expression"):
+        DomainTagConfig(keywords={"code": ["("]})
+    with pytest.raises(ConfigError, match=r"domain.tags.sources.a='my domain' is not valid; expected a non-empty"):
+        DomainTagConfig(sources={"a": "my domain"})
+    with pytest.raises(ConfigError, match=r"domain.tags.min_keyword_hits=0 is not valid; expected >= 1"):
+        load_data_config(overrides=["domain.tags.min_keyword_hits=0"])
+    overlay = tmp_path / "c.yaml"
+    overlay.write_text("domain:\n  tags:\n    hosts: {.Example.COM: shop, github.com: forge}\n")
+    hosts = load_data_config(str(overlay)).domain.tags.hosts  # a --config overlay adds to the defaults
+    assert (hosts["example.com"], hosts["github.com"], hosts["arxiv.org"]) == ("shop", "forge", "academic")
+    assert load_data_config(overrides=["domain.tags.hosts={a.org: x}"]).domain.tags.hosts == {"a.org": "x"}
+
+
 # ------------------------------------------------------------------------------------------------ dedup
 def test_minhash_estimates_jaccard() -> None:
     h = MinHasher(DedupConfig())
@@ -206,17 +266,20 @@ def test_tokenizer_roundtrip_and_pack(tmp_path: Path) -> None:
     assert np.array_equal(stream[: sum(a.size for a in out["ids"])], np.concatenate(out["ids"]))
 
 
-def test_pack_shard_orders_by_copy_then_order(tmp_path: Path) -> None:
+def test_pack_group_orders_by_copy_then_order(tmp_path: Path) -> None:
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
-    (tmp_path / "tok").mkdir()
-    t = pa.table({"order": [5, 1], "source": ["a", "b"], "split": ["train"] * 2, "shard": pa.array([0, 0], pa.int32()),
-                  "copies": pa.array([2, 1], pa.int32()), "ids": [[1, 2, 0], [3, 0]]})
-    pq.write_table(t, tmp_path / "tok" / "x.parquet")
-    r = pack_shard(str(tmp_path / "tok"), "train", 0, 3, 0, str(tmp_path / "s.arrow"))
-    assert r["tokens_per_source"] == {"a": 6, "b": 2} and r["num_sequences"] == 2
+    schema = pa.schema([("order", pa.int64()), ("source", pa.string()), ("copies", pa.int32()),
+                        ("ids", pa.list_(pa.uint32()))])
+    a = pa.table({"order": [5], "source": ["a"], "copies": [2], "ids": [[1, 2, 0]]}, schema=schema)
+    b = pa.table({"order": [1, 9], "source": ["b", "b"], "copies": [1, 0], "ids": [[3, 0], [7, 0]]}, schema=schema)
+    group = pa.concat_tables([a, b])  # two chunks, as a map_groups batch may hold
+    r = pack_group(group, 3, 0, str(tmp_path / "s.arrow"))
+    assert r["tokens_per_source"] == {"a": 6, "b": 2} and r["num_sequences"] == 2 and r["num_padding"] == 0
     assert read_token_shard(tmp_path / "s.arrow").reshape(-1).tolist() == [3, 0, 1, 2, 0, 1, 2, 0]
+    (tmp_path / "s.arrow").write_bytes(b"kept")  # a finished shard is counted again, not rewritten
+    assert pack_group(group, 3, 0, str(tmp_path / "s.arrow"))["num_sequences"] == 2
+    assert (tmp_path / "s.arrow").read_bytes() == b"kept"
 
 
 def test_stats_balance() -> None:
@@ -236,7 +299,11 @@ def test_step_chain_runs_every_step() -> None:
     chain = StepChain(cfg)
     out = chain(batch_of([EN[0], ZH[0]]))
     assert list(out["reason"]) == ["", ""] and out["signature"].shape == (2, 200)
-    assert [s.name for s in chain.steps] == ["normalize", "lang", "quality", "toxic", "domain", "signature"]
+    assert list(out["domain"]) == ["general", "general"]
+    assert [s.name for s in chain.steps] == ["normalize", "lang", "quality", "toxic", "domain", "domain_tag",
+                                             "signature"]
+    off = StepChain(load_data_config(overrides=["domain.tags.enabled=false"]))
+    assert "domain" not in off(batch_of([EN[0]])) and "domain_tag" not in [s.name for s in off.steps]
 
 
 # ------------------------------------------------------------------------------------------------ config
