@@ -27,6 +27,7 @@ document ``order`` and the seed, so a resumed run gives the same result as an un
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -243,8 +244,7 @@ def describe_plan(config: DataConfig) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------------ 1. records
 def _records_file(item: dict[str, Any], config: DataConfig, records: str) -> int:
     """Read one input file, run the step chain, write ``records/part-<file>.parquet``; returns its rows."""
-    f = InputFile(str(item["path"]), str(item["source"]), int(item["file_index"]), str(item["format"]),
-                  str(item["text_field"]), bool(item["missing"]))
+    f = InputFile(**{k.name: item[k.name] for k in dataclasses.fields(InputFile)})
     chain = _cached(_ChainUDF, config.fingerprint(), config)
     tables = (chain(b) for b in read_file(f, config.max_doc_bytes))
     return _write_parts(Path(records) / _part(f.file_index), chain.schema, tables)
@@ -257,8 +257,7 @@ def _stage_records(config: DataConfig, out: Path) -> None:
     files = plan_inputs(config)
     todo = [f for f in files if not (records / _part(f.file_index)).is_file()]
     log.info("records: %d of %d input files to read", len(todo), len(files))
-    items = [{"path": f.path, "source": f.source, "file_index": f.file_index, "format": f.format,
-              "text_field": f.text_field, "missing": f.missing} for f in todo]
+    items = [dataclasses.asdict(f) for f in todo]
     records.mkdir(parents=True, exist_ok=True)
     _per_file(config, items, _records_file, (config, str(records)))
     _write_json(records / SUCCESS, {"files": len(files)})

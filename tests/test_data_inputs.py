@@ -107,6 +107,21 @@ def test_per_record_source_is_honoured_when_valid(tree: Path) -> None:
         SourceConfig("web", ["x"], source_field="")
 
 
+def test_the_records_stage_passes_every_input_field_to_its_task(tree: Path) -> None:
+    """The records task rebuilds each InputFile from the row Ray Data hands it: a field lost on the way (the
+    source_field once was) silently changes the records."""
+    import dataclasses
+
+    from data_pipeline.run import _records_file
+
+    for source_field, want in (("id", ["p0", "web", "p2"]), (None, ["web"] * 3)):
+        cfg = config_of(f"{tree}/web/*.parquet", source_field=source_field)
+        (f,) = plan_inputs(cfg)
+        out = tree / f"records-{source_field}"
+        assert _records_file(dataclasses.asdict(f), cfg, str(out)) == 3
+        assert pq.read_table(out / "part-00000.parquet").column("source").to_pylist() == want
+
+
 # ------------------------------------------------------------------------------------------------ tokenizer sample
 def test_split_budget_proportional_and_equal() -> None:
     chars = {"a": 100, "b": 300, "c": 600}
