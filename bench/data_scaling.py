@@ -29,8 +29,12 @@ What it measures, in one run (results in bench/results/data_scaling.json, median
 3. NeMo Curator 1.4 (RayDataExecutor on its own local Ray, in a child process under --nemo-python) on the
    largest scale: its CPU heuristic filters with our thresholds (language id, Gopher/C4 English rules,
    repeated lines). Its exact and fuzzy dedup import cuDF (GPU only) and are left out; its documents/s
-   are set beside ours and beside our records stage (read + the same filters + toxic + dedup signatures).
-   When it cannot be installed or run, the reason is recorded instead of numbers.
+   are set beside ours and beside the records stage (read + filters) of one extra run of ours at that
+   scale with dedup off (``--skip-filters-only`` skips it). When it cannot be installed or run, the
+   reason is recorded instead of numbers.
+
+A default run took 38 minutes on a 2-core EPYC VM (12,500 -> 200,000 documents, 3 repeats, plus the extra
+run); ``--repeats 1`` takes about half of that. Peers print their own logs on stderr.
 
 Documents: half English (Gopher-style word salad over the sample corpus' English vocabulary, 120-320
 words), half Chinese (sentences of the sample's Debian reference, 20% of characters replaced at random,
@@ -188,11 +192,11 @@ class DriverRSS:
 
 
 # ------------------------------------------------------------------------------------------------ runs
-def run_ours(input_dir: Path, out: Path, tokenizer: Path) -> dict[str, Any]:
+def run_ours(input_dir: Path, out: Path, tokenizer: Path, overrides: tuple[str, ...] = ()) -> dict[str, Any]:
     from data_pipeline.config import load_data_config
     from data_pipeline.run import prepare_data
 
-    cfg = load_data_config(None, [f"tokenizer.path={tokenizer}", "language.min_score=0.3"],
+    cfg = load_data_config(None, [f"tokenizer.path={tokenizer}", "language.min_score=0.3", *overrides],
                            inputs=[f"bench={input_dir}/*.jsonl"], output=str(out))
     shutil.rmtree(out, ignore_errors=True)
     with DriverRSS() as rss:
@@ -314,6 +318,9 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3, help="runs of ours at each scale (median reported)")
     ap.add_argument("--peer-repeats", type=int, default=1, help="runs of each peer at the largest scale")
     ap.add_argument("--skip-peers", action="store_true", help="run ours only")
+    ap.add_argument("--skip-filters-only", action="store_true",
+                    help="skip the extra run of ours at the largest scale without dedup (the filters-only figure)")
+    ap.add_argument("--note", default="", help="recorded in the results (e.g. which pipeline version was measured)")
     ap.add_argument("--nemo-python", default=os.environ.get("NEMO_PYTHON", sys.executable),
                     help="Python with nemo-curator[text-cpu]==1.4.* installed (default: $NEMO_PYTHON or this one)")
     ap.add_argument("--nemo-executor", choices=["ray_data", "xenna"], default="ray_data")
@@ -366,7 +373,7 @@ def main() -> None:
                    "kinds": "half en (Gopher-style word salad, 120-320 words), half zh (reference sentences with 20% "
                             "of characters replaced, 300-800 characters); every document unique"},
         "repeats": args.repeats, "peer_repeats": args.peer_repeats, "cpus": args.cpus,
-        "pipeline": pipeline_version(),
+        "pipeline": pipeline_version(), "note": args.note,
     }
     top_docs = top * args.files_per_scale * docs_per_file
 
@@ -433,6 +440,12 @@ def main() -> None:
             runs_by_scale[s].append(res)
             print(f"ours {s}x run {r}: {res['seconds']:.1f} s, driver peak {_gib(res['driver_rss_peak'])} GiB "
                   f"(+{_gib(res['driver_rss_increase'])})", flush=True)
+    filters_only: dict[str, Any] | None = None
+    if not args.skip_filters_only:
+        # the same run without dedup: its records stage (read + filters) is what NeMo Curator's chain does
+        filters_only = run_ours(inputs[top], work / f"ours-{top}x-nodedup", tok_path,
+                                ("dedup.exact=false", "dedup.fuzzy=false"))
+        print(f"ours {top}x without dedup: {filters_only['seconds']:.1f} s", flush=True)
     ray.shutdown()
     ours: dict[int, dict[str, Any]] = {}
     for s, runs in runs_by_scale.items():
@@ -450,15 +463,28 @@ def main() -> None:
     records_s = [r["stage_seconds"].get("records") for r in runs_by_scale[top] if "records" in r["stage_seconds"]]
     if records_s:
         comp["ours_records_stage_docs_per_s"] = round(top_docs / statistics.median(records_s), 1)
+    if filters_only is not None:
+        results["ours_without_dedup"] = {"scale": f"{top}x", "documents": top_docs, **filters_only,
+                                         "overrides": ["dedup.exact=false", "dedup.fuzzy=false"]}
+        comp["ours_without_dedup_docs_per_s"] = round(top_docs / filters_only["seconds"], 1)
+        if "records" in filters_only["stage_seconds"]:
+            comp["ours_filters_docs_per_s"] = round(top_docs / filters_only["stage_seconds"]["records"], 1)
+    if "runs" in peers.get("datatrove", {}):
+        dt_filters = statistics.median(r["part_seconds"]["filters"] for r in peers["datatrove"]["runs"])
+        comp["datatrove_filters_docs_per_s"] = round(top_docs / dt_filters, 1)
     for name in ("datatrove", "nemo_curator"):
         if "docs_per_s" in peers.get(name, {}):
             comp[f"{name}_docs_per_s"] = peers[name]["docs_per_s"]
             comp[f"ours_over_{name}"] = round(ours[top]["docs_per_s"] / peers[name]["docs_per_s"], 3)
     if "ours_over_datatrove" in comp:
         comp["datatrove_goal_met"] = comp["ours_over_datatrove"] >= GOALS["ours_over_datatrove"]
-    if "nemo_curator_docs_per_s" in comp and "ours_records_stage_docs_per_s" in comp:
-        comp["ours_records_stage_over_nemo_curator"] = round(
-            comp["ours_records_stage_docs_per_s"] / comp["nemo_curator_docs_per_s"], 3)
+    if "nemo_curator_docs_per_s" in comp and "ours_filters_docs_per_s" in comp:
+        comp["ours_filters_over_nemo_curator"] = round(
+            comp["ours_filters_docs_per_s"] / comp["nemo_curator_docs_per_s"], 3)
+    comp["note"] = ("ours_*: the whole job (records, dedup, clean/rejected/stats, tokenize, pack); "
+                    "ours_records_stage: read + filters + dedup signatures; ours_filters: the records stage of the "
+                    "run without dedup (read + the filter chain + writing records); datatrove_filters: its first "
+                    "pass (read, filters, write JSONL); nemo_curator: its whole heuristic chain (read, filters, write)")
     results["side_by_side"] = {f"{top}x": comp}
     results["total_bench_seconds"] = round(time.perf_counter() - wall0, 1)
     results["machine"]["load_average_at_end"] = os.getloadavg()
@@ -469,6 +495,11 @@ def main() -> None:
         rows.append((f"ours {s}x", str(v["documents"]), f"{v['seconds']:.1f}", f"{v['docs_per_s']:.0f}",
                      f"{v['seconds_per_doc'] * 1e6:.0f}", f"{_gib(v['driver_rss_peak']):.3f}",
                      f"{_gib(v['driver_rss_increase']):.3f}"))
+    if filters_only is not None:
+        fo = filters_only
+        rows.append((f"ours {top}x no dedup", str(top_docs), f"{fo['seconds']:.1f}", f"{top_docs / fo['seconds']:.0f}",
+                     f"{fo['seconds'] / top_docs * 1e6:.0f}", f"{_gib(fo['driver_rss_peak']):.3f}",
+                     f"{_gib(fo['driver_rss_increase']):.3f}"))
     for name, v in peers.items():
         if "docs_per_s" in v:
             rows.append((f"{name} {top}x", str(v["documents"]), f"{v['seconds']:.1f}", f"{v['docs_per_s']:.0f}",
