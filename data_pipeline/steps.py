@@ -169,7 +169,7 @@ def english_quality(text: str, cfg: EnglishQualityConfig) -> str:
         return "en_bullet_lines"
     if lines and sum(ln.endswith(("...", "…")) for ln in lines) / len(lines) > cfg.max_ellipsis_lines:
         return "en_ellipsis_lines"
-    if sum(any(c.isalpha() for c in w) for w in words) / n < cfg.min_alpha_words:
+    if alpha_words(words) / n < cfg.min_alpha_words:
         return "en_alpha_words"
     lower = [w.lower() for w in stripped]
     if len(_STOP_WORDS.intersection(lower)) < cfg.min_stop_words:
@@ -177,14 +177,38 @@ def english_quality(text: str, cfg: EnglishQualityConfig) -> str:
     if _dup_line_fraction(lines) > cfg.max_dup_line_fraction:
         return "en_dup_lines"
     total_chars = sum(len(w) for w in lower) or 1
-    for k, limit in sorted(cfg.max_top_ngram_fraction.items()):
-        if n < k:
-            continue
-        grams = Counter(tuple(lower[j:j + k]) for j in range(n - k + 1))
-        gram, count = grams.most_common(1)[0]
-        if count > 1 and count * sum(len(w) for w in gram) / total_chars > limit:
+    for k, count, gram_chars in top_word_ngrams(lower, sorted(cfg.max_top_ngram_fraction)):
+        if count > 1 and count * gram_chars / total_chars > cfg.max_top_ngram_fraction[k]:
             return f"en_top_{k}gram"
     return ""
+
+
+def alpha_words(words: list[str]) -> int:
+    """How many of ``words`` hold at least one letter (``str.isalpha`` first: most words are all letters)."""
+    other = [w for w in words if not w.isalpha()]
+    return len(words) - len(other) + sum(1 for w in other if any(c.isalpha() for c in w))
+
+
+def top_word_ngrams(words: list[str], ks: list[int]) -> list[tuple[int, int, int]]:
+    """For each k in ``ks`` (ascending, k <= len(words)): (k, count, characters) of the most frequent word
+    k-gram, the earliest one among equally frequent ones (what ``Counter.most_common(1)`` picks). k-grams are
+    numbered by k-1-gram number x vocabulary + next word and renumbered by ``np.unique`` at each k, so the
+    numbers stay below len(words) x vocabulary."""
+    vocab: dict[str, int] = {}
+    ids = np.asarray([vocab.setdefault(w, len(vocab)) for w in words], dtype=np.int64)
+    chars = np.concatenate([[0], np.cumsum([len(w) for w in words])])
+    out: list[tuple[int, int, int]] = []
+    codes = ids
+    for k in range(1, (ks[-1] if ks else 0) + 1):
+        if k > len(words):
+            break
+        if k > 1:
+            codes = codes[:-1] * len(vocab) + ids[k - 1:]
+        _, first, codes, counts = np.unique(codes, return_index=True, return_inverse=True, return_counts=True)
+        if k in ks:
+            best = int(first[counts == counts.max()].min())
+            out.append((k, int(counts.max()), int(chars[best + k] - chars[best])))
+    return out
 
 
 def dup_ngram_char_fraction(text: str, n: int) -> float:
@@ -193,18 +217,17 @@ def dup_ngram_char_fraction(text: str, n: int) -> float:
     chars = "".join(text.split())
     if len(chars) < 2 * n:
         return 0.0
-    grams = [chars[j:j + n] for j in range(len(chars) - n + 1)]
-    counts = Counter(grams)
-    covered = np.zeros(len(chars), dtype=bool)
-    for j, g in enumerate(grams):
-        if counts[g] > 1:
-            covered[j:j + n] = True
+    cp = np.frombuffer(chars.encode("utf-32-le"), dtype=np.uint32)
+    grams = np.ascontiguousarray(np.lib.stride_tricks.sliding_window_view(cp, n)).view(f"V{4 * n}").ravel()
+    _, inverse, counts = np.unique(grams, return_inverse=True, return_counts=True)
+    repeated = (counts[inverse] > 1).astype(np.int64)  # n-gram j occurs more than once
+    covered = np.convolve(repeated, np.ones(n, dtype=np.int64))[:len(chars)] > 0  # chars j..j+n-1 covered
     return float(covered.mean())
 
 
 def chinese_quality(text: str, cfg: ChineseQualityConfig) -> str:
     """'' when the text passes the ChineseWebText-style rules, else the failed rule's name."""
-    nonspace = sum(1 for c in text if not c.isspace())
+    nonspace = len("".join(text.split()))  # str.split() splits on exactly the str.isspace() characters
     if nonspace < cfg.min_chars:
         return "zh_too_short"
     if nonspace > cfg.max_chars:
@@ -350,6 +373,17 @@ class DomainFilter(Step):
                 self.drop(batch, i, reason)
 
 
+def _any_of(patterns: list[str]) -> re.Pattern[str] | None:
+    """One case-insensitive regex that matches wherever any of ``patterns`` does, or None when they cannot
+    be joined (then each is searched alone)."""
+    if not patterns or any(re.search(r"\\[1-9]|\(\?P=|\(\?\(", p) for p in patterns):
+        return None  # a group reference would point at another group once the patterns are joined
+    try:
+        return re.compile("|".join(f"(?:{p})" for p in patterns), re.IGNORECASE)
+    except re.error:  # e.g. inline global flags, valid only at the start of a whole pattern
+        return None
+
+
 class DomainTagger(Step):
     """Adds ``domain`` (str) to every record: the tag of a kept record by the first rule that matches
     (source name, then URL host suffix, then keywords in the first characters, else the default); ""
@@ -362,6 +396,7 @@ class DomainTagger(Step):
         super().__init__()
         self.config = config
         self.keywords = [(d, [re.compile(p, re.IGNORECASE) for p in pats]) for d, pats in config.keywords.items()]
+        self.any_keyword = _any_of([p for pats in config.keywords.values() for p in pats])
 
     def domain_of(self, source: str, url: str, text: str) -> str:
         cfg = self.config
@@ -371,6 +406,8 @@ class DomainTagger(Step):
             if suffix in cfg.hosts:
                 return cfg.hosts[suffix]
         head = text[:cfg.keyword_chars]
+        if self.any_keyword is not None and not self.any_keyword.search(head):
+            return cfg.default  # no pattern occurs: one search instead of one per pattern
         best, best_hits = cfg.default, cfg.min_keyword_hits - 1
         for domain, patterns in self.keywords:
             hits = sum(1 for p in patterns if p.search(head))

@@ -144,9 +144,10 @@ def test_the_driver_reads_only_aggregates_and_the_tokenizer_sample(run) -> None:
     dropped = pq.read_table(out / "rejected", columns=["source", "lang", "domain", "reason"]).to_pylist()
     groups = len({tuple(r.values()) for r in kept}) + len({tuple(r.values()) for r in dropped})
     shards = sum(stats["tokenize"]["shards"].values())
-    # stats groupbys + mixing (one row per source) + split totals + per-language token counts + token shards
-    # + the three stages' per-file row totals
-    bound = groups + len(stats["by_source"]) + 2 + len(stats["by_lang"]) + shards + 3
+    # the stats groupby + mixing (one row per source) + token totals per (split, language) + token shards
+    # + one row total per input file in each of the three per-file stages
+    files = len(list((out / "_work" / "records").glob("part-*.parquet")))
+    bound = groups + len(stats["by_source"]) + 2 * len(stats["by_lang"]) + shards + 3 * files
     assert 0 < seen["other"] <= bound < p.total, (seen, bound)
     assert seen["largest"] <= max(groups, shards)
     # the sample's rows: its strata's sizes, then its documents (the budget covers this small corpus: no
@@ -239,8 +240,9 @@ def parquet_rows(path: Path) -> list[dict]:
     return sorted(pq.read_table(path).to_pylist(), key=lambda r: r["order"])
 
 
-DOWNSTREAM_OF_RECORDS = ["_work/dups", "_work/mixing.json", "_work/tokenized", "clean", "rejected", "stats.json",
-                         "tokenizer.json", "tokens", "manifest.json", "_SUCCESS"]
+DOWNSTREAM_OF_CLEAN = ["stats.json", "tokenizer.json", "_work/tokenized", "_work/token_counts", "tokens",
+                       "manifest.json", "_SUCCESS"]
+DOWNSTREAM_OF_RECORDS = ["_work/dups", "_work/mixing.json", "_work/counts", "clean", "rejected", *DOWNSTREAM_OF_CLEAN]
 
 
 def remove(root: Path, *names: str) -> None:
@@ -264,16 +266,16 @@ def test_killed_job_reruns_only_unfinished_files(run, tmp_path: Path, crash: str
         remove(copy, *DOWNSTREAM_OF_RECORDS, "_work/records/_SUCCESS", f"_work/records/{victim}")
         redo = {f"_work/records/{victim}"}
     else:
-        remove(copy, *DOWNSTREAM_OF_RECORDS[5:], "_work/tokenized", f"clean/{victim}", f"rejected/{victim}")
-        redo = {f"clean/{victim}", f"rejected/{victim}"}
+        remove(copy, *DOWNSTREAM_OF_CLEAN, f"_work/counts/{victim}", f"clean/{victim}", f"rejected/{victim}")
+        redo = {f"_work/counts/{victim}", f"clean/{victim}", f"rejected/{victim}"}
     before = stamps(copy)
     prepare_data(config_for(p, copy))
     after = stamps(copy)
     assert {f for f in before if after.get(f) != before[f]} == set()  # nothing finished was written again
     written = set(after) - set(before)
-    assert {f for f in written if f.startswith("_work/records/part")} == {f for f in redo if f.startswith("_work")}
+    assert {f for f in written if f.startswith("_work/records/part")} == {f for f in redo if f.startswith("_work/rec")}
     if crash == "clean":
-        assert {f for f in written if f.startswith(("clean/", "rejected/"))} == redo
+        assert {f for f in written if f.startswith(("clean/", "rejected/", "_work/counts/"))} == redo
     for name in ("clean", "rejected"):
         assert parquet_rows(copy / name) == parquet_rows(out / name)
     assert json.loads((copy / "stats.json").read_text()) == json.loads((out / "stats.json").read_text())
