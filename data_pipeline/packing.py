@@ -12,7 +12,6 @@ one shard's documents (about ``pack.target_shard_bytes``) and no task rescans th
 from __future__ import annotations
 
 from collections import Counter
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -20,6 +19,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from aquila_ray.train.shards import write_token_shard
+from data_pipeline.output import Output
 
 
 def pack(ids: list[np.ndarray], seq_len: int, pad_id: int) -> np.ndarray:
@@ -32,10 +32,10 @@ def pack(ids: list[np.ndarray], seq_len: int, pad_id: int) -> np.ndarray:
     return out.reshape(n, width)
 
 
-def pack_group(table: pa.Table, seq_len: int, eos_id: int, out_path: str) -> dict[str, Any]:
+def pack_group(table: pa.Table, seq_len: int, eos_id: int, out: Output, rel: str) -> dict[str, Any]:
     """Pack one (split, shard) group of tokenized documents (columns order, source, copies, ids) and write
-    it atomically; the pipeline calls it from ``groupby(split, shard).map_groups``, so every tokenized row is
-    read once. A shard whose file already exists (a rerun after a crash) is counted, not rewritten."""
+    it atomically to ``out/rel``; the pipeline calls it from ``groupby(split, shard).map_groups``, so every
+    tokenized row is read once. A shard whose file already exists (a rerun after a crash) is counted, not rewritten."""
     ids = pa.concat_arrays(table.column("ids").chunks) if table.num_rows else pa.array([], pa.list_(pa.uint32()))
     values = ids.flatten().to_numpy()  # zero-copy view of the group's tokens (one shard, bounded by config)
     lengths = pc.list_value_length(ids).to_numpy(zero_copy_only=False).astype(np.int64)
@@ -58,8 +58,8 @@ def pack_group(table: pa.Table, seq_len: int, eos_id: int, out_path: str) -> dic
     width = seq_len + 1
     num_tokens = sum(tokens_per_source.values())
     num_sequences = -(-num_tokens // width)
-    if not Path(out_path).is_file():
-        write_token_shard(out_path, pack(pieces, seq_len, eos_id))
-    result.update(path=str(Path(out_path)), num_sequences=num_sequences,
+    if not out.is_file(rel):
+        write_token_shard(out.path(rel), pack(pieces, seq_len, eos_id), filesystem=out.fs)
+    result.update(path=out.uri(rel), num_sequences=num_sequences,
                   num_padding=num_sequences * width - num_tokens)
     return result

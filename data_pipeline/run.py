@@ -28,11 +28,10 @@ document ``order`` and the seed, so a resumed run gives the same result as an un
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import math
-import os
-import shutil
 import time
 from collections import Counter
 from pathlib import Path
@@ -46,6 +45,7 @@ import pyarrow.parquet as pq
 import ray
 from ray.data.aggregate import Sum
 from ray.data.expressions import col
+from tokenizers import Tokenizer
 
 from aquila_ray.config.base import to_dict
 from aquila_ray.errors import ConfigError, DataError
@@ -53,16 +53,16 @@ from aquila_ray.train.shards import Manifest, ShardInfo, SplitInfo, write_manife
 from data_pipeline import dedup
 from data_pipeline.config import DataConfig
 from data_pipeline.mixing import assign_split, copies_for, mixing_rates, unit_hash
+from data_pipeline.output import Output
 from data_pipeline.packing import pack_group
 from data_pipeline.readers import InputFile, plan_inputs, read_file
 from data_pipeline.steps import STEP_ORDER, StepChain
 from data_pipeline.tokenizer import (
     Tokenize,
     eos_id,
-    file_sha256,
     load_tokenizer,
     sample_for_tokenizer,
-    save_tokenizer,
+    tokenizer_json,
     train_tokenizer,
 )
 
@@ -70,6 +70,11 @@ log = logging.getLogger(__name__)
 
 WORK = "_work"
 SUCCESS = "_SUCCESS"
+RECORDS = f"{WORK}/records"
+DUPS = f"{WORK}/dups"
+COUNTS = f"{WORK}/counts"
+TOKENIZED = f"{WORK}/tokenized"
+TOKEN_COUNTS = f"{WORK}/token_counts"
 ORDER_SHIFT = 32  # order = file_index << 32 | record_index (readers.ORDER_SHIFT)
 READ_ROWS = 4096  # rows per batch when a task streams a Parquet part
 
@@ -131,11 +136,12 @@ class _ChainUDF:
 _UDF_CACHE: dict[tuple[str, str], Any] = {}
 
 
-def _cached(cls: type, key: str, *args: Any) -> Any:
-    """One instance of a setup-heavy class per worker process (the task-based counterpart of an actor)."""
-    k = (cls.__name__, key)
+def _cached(make: Any, key: str, *args: Any) -> Any:
+    """One ``make(*args)`` per worker process and key: a setup-heavy object built once (the task-based
+    counterpart of an actor)."""
+    k = (make.__qualname__, key)
     if k not in _UDF_CACHE:
-        _UDF_CACHE[k] = cls(*args)
+        _UDF_CACHE[k] = make(*args)
     return _UDF_CACHE[k]
 
 
@@ -165,45 +171,62 @@ def _num_partitions(config: DataConfig) -> int:
     return max(2, 2 * int(ray.cluster_resources().get("CPU", 1)))
 
 
-def _read_parquet(path: Path, columns: list[str], alive_only: bool = False) -> Any:
-    """A Ray Data dataset of ``columns`` of the Parquet files under ``path`` (lazy; projection and the
+def _read_parquet(out: Output, rel: str, columns: list[str], alive_only: bool = False) -> Any:
+    """A Ray Data dataset of ``columns`` of the Parquet files under ``out/rel`` (lazy; projection and the
     ``reason == ""`` filter are pushed into the read)."""
-    ds = ray.data.read_parquet(str(path))
+    ds = ray.data.read_parquet(out.uri(rel))
     if alive_only:
         ds = ds.filter(expr=col("reason") == "")
     return ds.select_columns(columns)
 
 
-def _fresh_tmp(path: Path) -> Path:
-    tmp = path.with_name(path.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    return tmp
+def _write_json(out: Output, rel: str, data: Any) -> None:
+    out.write_text(rel, json.dumps(data, indent=2, ensure_ascii=False, sort_keys=False))
 
 
-def _write_json(path: Path, data: Any) -> None:
-    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False, sort_keys=False))
-    os.replace(tmp, path)
+def _read_json(out: Output, rel: str) -> Any:
+    return json.loads(out.read_text(rel))
 
 
 def _part(index: int) -> str:
     return f"part-{index:05d}.parquet"
 
 
-def _write_parts(path: Path, schema: pa.Schema, tables: Any) -> int:
-    """Stream tables into one Parquet file under a temp name, then rename (a crash leaves no part)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-    rows = 0
-    with pq.ParquetWriter(tmp, schema) as writer:
+class _PartWriter:
+    """One Parquet part written as a stream of tables; it appears at ``out/rel`` only when the ``with``
+    block ends without an error (a crash leaves no part). An empty part still has the schema."""
+
+    def __init__(self, out: Output, rel: str, schema: pa.Schema) -> None:
+        self.out, self.rel, self.schema, self.rows = out, rel, schema, 0
+
+    def __enter__(self) -> _PartWriter:
+        self._sink = self.out.open(self.rel)
+        self._writer = pq.ParquetWriter(self._sink.__enter__(), self.schema)
+        return self
+
+    def write(self, table: pa.Table) -> None:
+        self._writer.write_table(table.select(self.schema.names).cast(self.schema))
+        self.rows += table.num_rows
+
+    def __exit__(self, *exc: Any) -> None:
+        try:
+            if exc[0] is None and self.rows == 0:
+                self._writer.write_table(self.schema.empty_table())
+            self._writer.close()
+        finally:
+            self._sink.__exit__(*exc)
+
+
+def _write_parts(out: Output, rel: str, schema: pa.Schema, tables: Any) -> int:
+    """Stream tables into one Parquet part at ``out/rel``; returns its rows."""
+    with _PartWriter(out, rel, schema) as w:
         for t in tables:
-            writer.write_table(t.select(schema.names).cast(schema))
-            rows += t.num_rows
-        if rows == 0:
-            writer.write_table(schema.empty_table())
-    os.replace(tmp, path)
-    return rows
+            w.write(t)
+    return w.rows
+
+
+def _parquet_file(out: Output, rel: str) -> pq.ParquetFile:
+    return pq.ParquetFile(out.fs.open_input_file(out.path(rel)))
 
 
 def _per_file(config: DataConfig, items: list[dict[str, Any]], fn: Any, args: tuple[Any, ...]) -> int:
@@ -251,47 +274,39 @@ def describe_plan(config: DataConfig) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------------------ 1. records
-def _records_file(item: dict[str, Any], config: DataConfig, records: str) -> int:
-    """Read one input file, run the step chain, write ``records/part-<file>.parquet``; returns its rows."""
+def _records_file(item: dict[str, Any], config: DataConfig, out: str) -> int:
+    """Read one input file, run the step chain, write ``_work/records/part-<file>.parquet``; returns its rows."""
     f = InputFile(**{k.name: item[k.name] for k in dataclasses.fields(InputFile)})
     chain = _cached(_ChainUDF, config.fingerprint(), config)
     tables = (chain(b) for b in read_file(f, config.max_doc_bytes))
-    return _write_parts(Path(records) / _part(f.file_index), chain.schema, tables)
+    return _write_parts(Output(out), f"{RECORDS}/{_part(f.file_index)}", chain.schema, tables)
 
 
-def _stage_records(config: DataConfig, out: Path) -> None:
-    records = out / WORK / "records"
-    if (records / SUCCESS).is_file():
+def _stage_records(config: DataConfig, out: Output) -> None:
+    if out.is_file(f"{RECORDS}/{SUCCESS}"):
         return
     files = plan_inputs(config)
-    todo = [f for f in files if not (records / _part(f.file_index)).is_file()]
+    todo = [f for f in files if not out.is_file(f"{RECORDS}/{_part(f.file_index)}")]
     log.info("records: %d of %d input files to read", len(todo), len(files))
     items = [dataclasses.asdict(f) for f in todo]
-    records.mkdir(parents=True, exist_ok=True)
-    _per_file(config, items, _records_file, (config, str(records)))
-    _write_json(records / SUCCESS, {"files": len(files)})
+    _per_file(config, items, _records_file, (config, out.location))
+    _write_json(out, f"{RECORDS}/{SUCCESS}", {"files": len(files)})
 
 
 # ------------------------------------------------------------------------------------------------ 2. clean
-def _record_parts(out: Path) -> list[tuple[int, str]]:
-    """(file index, path) of every records part, by file index."""
-    return sorted((int(p.stem.split("-")[1]), str(p)) for p in (out / WORK / "records").glob("part-*.parquet"))
-
-
-def _stage_dups(config: DataConfig, out: Path) -> Path:
-    """``_work/dups/``: (order, dup_reason) of every duplicate, sorted by order, found on Ray Data."""
-    final = out / WORK / "dups"
-    if final.is_dir():
-        return final
-    tmp = _fresh_tmp(final)
-    tmp.mkdir(parents=True)
-    pq.write_table(DUPS_SCHEMA.empty_table(), tmp / "empty.parquet")  # readable even with no duplicates
+def _stage_dups(config: DataConfig, out: Output) -> None:
+    """``_work/dups/``: (order, dup_reason) of every duplicate, sorted by order, found on Ray Data; complete
+    when it holds ``_SUCCESS`` (a directory of objects cannot be renamed into place atomically)."""
+    if out.is_file(f"{DUPS}/{SUCCESS}"):
+        return
+    out.remove(DUPS)  # a run that stopped half-way through the write
+    with out.open(f"{DUPS}/empty.parquet") as sink:  # readable even with no duplicates
+        pq.write_table(DUPS_SCHEMA.empty_table(), sink)
     if config.dedup.exact or config.dedup.fuzzy:
-        alive = _read_parquet(out / WORK / "records", ["order", "exact_hash", "signature"], alive_only=True)
+        alive = _read_parquet(out, RECORDS, ["order", "exact_hash", "signature"], alive_only=True)
         dups = dedup.duplicates_dataset(alive, config.dedup, num_partitions=_num_partitions(config))
-        dups.sort("order").write_parquet(str(tmp))
-    os.replace(tmp, final)
-    return final
+        dups.sort("order").write_parquet(out.uri(DUPS))
+    _write_json(out, f"{DUPS}/{SUCCESS}", {})
 
 
 def _mix_key(config: DataConfig) -> str:
@@ -311,15 +326,15 @@ def _train_keys(batch: pa.Table, key: str, seed: int, validation_fraction: float
     return batch.filter(pa.array(train, pa.bool_())).select([key, "nchars"])
 
 
-def _stage_mixing(config: DataConfig, out: Path, dups: Path) -> dict[str, Any]:
+def _stage_mixing(config: DataConfig, out: Output) -> dict[str, Any]:
     """Mixing rates from each key's train characters after dedup: one anti-join of the survivors'
     (order, key, nchars) with the duplicates, then a groupby sum; the driver reads one row per key."""
-    path = out / WORK / "mixing.json"
-    if path.is_file():
-        return json.loads(path.read_text())
+    rel = f"{WORK}/mixing.json"
+    if out.is_file(rel):
+        return _read_json(out, rel)
     key = _mix_key(config)
-    alive = _read_parquet(out / WORK / "records", ["order", key, "nchars"], alive_only=True)
-    dup_orders = _read_parquet(dups, ["order"])
+    alive = _read_parquet(out, RECORDS, ["order", key, "nchars"], alive_only=True)
+    dup_orders = _read_parquet(out, DUPS, ["order"])
     kept = alive
     if dup_orders.count():  # from the Parquet footers; an empty side has no columns to join on
         kept = alive.join(dup_orders, join_type="left_anti", on=("order",), num_partitions=_num_partitions(config))
@@ -332,25 +347,23 @@ def _stage_mixing(config: DataConfig, out: Path, dups: Path) -> dict[str, Any]:
     weights = _mix_weights(config)
     mixing = {"by": key, "source_chars" if key == "source" else "domain_chars": chars,
               "rates": mixing_rates(chars, weights), "weights": weights}
-    _write_json(path, mixing)
+    _write_json(out, rel, mixing)
     return mixing
 
 
-def _finalize_file(item: dict[str, Any], out: str, dups: str, rates: dict[str, float], key: str,
+def _finalize_file(item: dict[str, Any], location: str, rates: dict[str, float], key: str,
                    config: DataConfig) -> int:
     """Apply this file's dup decisions (its order range of the sorted dups: a merge join, not a broadcast),
     the split and mixing to one records file; write its documents per (source, lang, reason, domain) to
     ``_work/counts/``, then its rejected/ and clean/ parts (clean/ last: the unit's completion marker)."""
-    index, path = int(item["index"]), str(item["path"])
+    out, index, rel = Output(location), int(item["index"]), str(item["path"])
     lo, hi = index << ORDER_SHIFT, (index + 1) << ORDER_SHIFT
-    d = pads.dataset(dups, format="parquet", schema=DUPS_SCHEMA).to_table(
+    d = pads.dataset(out.path(DUPS), format="parquet", schema=DUPS_SCHEMA, filesystem=out.fs).to_table(
         filter=(pc.field("order") >= lo) & (pc.field("order") < hi))
     dup = dict(zip(d.column("order").to_pylist(), d.column("dup_reason").to_pylist(), strict=True))
     seed, vf = config.mix.seed, config.mix.validation_fraction
     columns = ["order", "id", "source", "url", "text", "nbytes", "lang", "domain", "reason"]
-    clean: list[pa.Table] = []
-    rejected: list[pa.Table] = []
-    counts: list[pa.Table] = []
+    counts: list[pa.Table] = []  # a few rows per batch: the (source, lang, reason, domain) groups
 
     def decide(t: dict[str, list[Any]]) -> tuple[pa.Table, pa.Table]:
         n = len(t["order"])
@@ -373,35 +386,37 @@ def _finalize_file(item: dict[str, Any], out: str, dups: str, rates: dict[str, f
                              pc.utf8_slice_codeunits(rej.column("text"), 0, config.rejected_text_chars))
         return full.filter(keep), rej
 
-    for batch in pq.ParquetFile(path).iter_batches(batch_size=READ_ROWS, columns=columns):
-        c, r = decide(batch.to_pydict())
-        clean.append(c)
-        rejected.append(r)
     name = _part(index)
-    summed = pa.concat_tables(counts).group_by(STATS_KEYS).aggregate([("count_all", "sum")]) if counts else None
-    _write_parts(Path(out) / WORK / "counts" / name, COUNTS_SCHEMA,
-                 [summed.rename_columns({"count_all_sum": "documents"})] if summed is not None else [])
-    _write_parts(Path(out) / "rejected" / name, REJECTED_SCHEMA, rejected)
-    return _write_parts(Path(out) / "clean" / name, CLEAN_SCHEMA, clean)
+    # streamed a batch at a time; the blocks end in the order counts, rejected/, clean/
+    with _PartWriter(out, f"clean/{name}", CLEAN_SCHEMA) as clean, \
+            _PartWriter(out, f"rejected/{name}", REJECTED_SCHEMA) as rejected:
+        for batch in _parquet_file(out, rel).iter_batches(batch_size=READ_ROWS, columns=columns):
+            c, r = decide(batch.to_pydict())
+            clean.write(c)
+            rejected.write(r)
+        summed = [pa.concat_tables(counts).group_by(STATS_KEYS).aggregate([("count_all", "sum")])
+                  .rename_columns({"count_all_sum": "documents"})] if counts else []
+        _write_parts(out, f"{COUNTS}/{name}", COUNTS_SCHEMA, summed)
+    return clean.rows
 
 
-def _stage_clean(config: DataConfig, out: Path) -> None:
-    if (out / "stats.json").is_file():
+def _stage_clean(config: DataConfig, out: Output) -> None:
+    if out.is_file("stats.json"):
         return
-    dups = _stage_dups(config, out)
-    mixing = _stage_mixing(config, out, dups)
-    parts = _record_parts(out)
-    todo = [{"index": i, "path": p} for i, p in parts if not (out / "clean" / _part(i)).is_file()]
+    _stage_dups(config, out)
+    mixing = _stage_mixing(config, out)
+    parts = out.parts(RECORDS)
+    todo = [{"index": i, "path": p} for i, p in parts if not out.is_file(f"clean/{_part(i)}")]
     log.info("clean: %d of %d records files to finalize", len(todo), len(parts))
-    _per_file(config, todo, _finalize_file, (str(out), str(dups), mixing["rates"], mixing["by"], config))
+    _per_file(config, todo, _finalize_file, (out.location, mixing["rates"], mixing["by"], config))
     # one groupby over the per-file counts; the driver reads one row per (source, lang, reason, domain)
     counts: Counter[tuple[str, ...]] = Counter()
-    per_file = _read_parquet(out / WORK / "counts", COUNTS_SCHEMA.names)
+    per_file = _read_parquet(out, COUNTS, COUNTS_SCHEMA.names)
     for row in per_file.groupby(STATS_KEYS, num_partitions=1).sum("documents").iter_rows():
         counts[tuple(row[k] for k in STATS_KEYS)] += int(row["sum(documents)"])
     stats = build_stats(counts)
     stats["mixing"] = mixing
-    _write_json(out / "stats.json", stats)
+    _write_json(out, "stats.json", stats)
 
 
 def build_stats(counts: Counter[tuple[str, ...]]) -> dict[str, Any]:
@@ -451,40 +466,37 @@ def build_stats(counts: Counter[tuple[str, ...]]) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------------------ 3. tokenizer
-def _stage_tokenizer(config: DataConfig, out: Path) -> None:
-    path = out / "tokenizer.json"
-    if path.is_file():
+def _stage_tokenizer(config: DataConfig, out: Output) -> None:
+    if out.is_file("tokenizer.json"):
         return
     if config.tokenizer.path:
         tok = load_tokenizer(config.tokenizer.path)
         eos_id(tok, config.tokenizer.eos_token)
-        tmp = path.with_name("tokenizer.json.tmp")
-        shutil.copyfile(config.tokenizer.path, tmp)
-        os.replace(tmp, path)
+        out.write_bytes("tokenizer.json", Path(config.tokenizer.path).read_bytes())
         return
-    sample = sample_for_tokenizer(_read_parquet(out / "clean", ["order", "lang", "source", "split", "text"]),
-                                  config)
+    sample = sample_for_tokenizer(_read_parquet(out, "clean", ["order", "lang", "source", "split", "text"]), config)
     tok = train_tokenizer(sample.texts(), config.tokenizer)
     if tok.get_vocab_size() < 257:
         raise DataError(f"tokenizer trained on too little text (vocab {tok.get_vocab_size()}); "
-                        f"is clean/ empty? See {out / 'stats.json'}")
-    stats = json.loads((out / "stats.json").read_text())
+                        f"is clean/ empty? See {out.uri('stats.json')}")
+    stats = _read_json(out, "stats.json")
     stats["tokenizer"] = sample.stats()  # written before tokenizer.json, the stage's completion marker
-    _write_json(out / "stats.json", stats)
-    save_tokenizer(tok, path)
+    _write_json(out, "stats.json", stats)
+    out.write_text("tokenizer.json", tokenizer_json(tok))
 
 
 # ------------------------------------------------------------------------------------------------ 4. tokens
-def _tokenize_file(item: dict[str, Any], out: str, tokenizer_path: str, eos_token: str) -> int:
+def _tokenize_file(item: dict[str, Any], location: str, eos_token: str) -> int:
     """Tokenize one clean part -> ``_work/tokenized/part-i.parquet`` (ids end in EOS), streamed a batch at a
     time; then its totals per (split, lang) -> ``_work/token_counts/part-i.parquet``, the unit's completion
     marker (written last)."""
-    key = f"{tokenizer_path}:{file_sha256(tokenizer_path)[:16]}"
-    tokenize = _cached(Tokenize, key, tokenizer_path, eos_token)
+    out = Output(location)
+    text = out.read_text("tokenizer.json")
+    tokenize = _cached(_tokenize_step, _sha256(text), text, eos_token)
     totals: list[pa.Table] = []
 
     def tables() -> Any:
-        for batch in pq.ParquetFile(str(item["path"])).iter_batches(
+        for batch in _parquet_file(out, str(item["path"])).iter_batches(
                 batch_size=512, columns=["order", "source", "lang", "split", "copies", "text"]):
             t = tokenize(batch.to_pydict())
             ids = list(t["ids"])
@@ -498,10 +510,18 @@ def _tokenize_file(item: dict[str, Any], out: str, tokenizer_path: str, eos_toke
             yield table
 
     name = _part(int(item["index"]))
-    rows = _write_parts(Path(out) / WORK / "tokenized" / name, TOKENIZED_SCHEMA, tables())
+    rows = _write_parts(out, f"{TOKENIZED}/{name}", TOKENIZED_SCHEMA, tables())
     summed = [_sum_totals(pa.concat_tables(totals))] if totals else []
-    _write_parts(Path(out) / WORK / "token_counts" / name, TOKEN_COUNTS_SCHEMA, summed)
+    _write_parts(out, f"{TOKEN_COUNTS}/{name}", TOKEN_COUNTS_SCHEMA, summed)
     return rows
+
+
+def _tokenize_step(tokenizer_json: str, eos_token: str) -> Tokenize:
+    return Tokenize(Tokenizer.from_str(tokenizer_json), eos_token)
+
+
+def _sha256(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
 def _token_totals(t: pa.Table) -> pa.Table:
@@ -528,28 +548,27 @@ def _assign_shard(batch: pa.Table, seed: int, num_shards: dict[str, int]) -> pa.
     return batch.append_column("shard", pa.array(shards, pa.int32()))
 
 
-def _pack_task(group: pa.Table, out: str, seq_len: int, eos: int) -> pa.Table:
+def _pack_task(group: pa.Table, location: str, seq_len: int, eos: int) -> pa.Table:
     """Ray Data map_groups UDF: one (split, shard) group -> one token shard; returns one summary row."""
     split, shard = str(group.column("split")[0].as_py()), int(group.column("shard")[0].as_py())
     rel = f"tokens/{split}/part-{shard:05d}.arrow"
-    r = pack_group(group, seq_len, eos, str(Path(out) / rel))
+    r = pack_group(group, seq_len, eos, Output(location), rel)
     return pa.table({"split": [split], "shard": [shard], "path": [rel if r["num_sequences"] else ""],
                      "num_sequences": [r["num_sequences"]], "num_padding": [r["num_padding"]],
                      "tokens_per_source": [json.dumps(r["tokens_per_source"])]})
 
 
-def _stage_tokens(config: DataConfig, out: Path) -> None:
-    if (out / "manifest.json").is_file():
+def _stage_tokens(config: DataConfig, out: Output) -> None:
+    if out.is_file("manifest.json"):
         return
-    tok_path = out / "tokenizer.json"
-    tok = load_tokenizer(tok_path)
+    tok_json = out.read_text("tokenizer.json")
+    tok = Tokenizer.from_str(tok_json)
     eos = eos_id(tok, config.tokenizer.eos_token)
-    tokenized = out / WORK / "tokenized"
-    parts = sorted((int(p.stem.split("-")[1]), str(p)) for p in (out / "clean").glob("part-*.parquet"))
+    parts = out.parts("clean")
     todo = [{"index": i, "path": p} for i, p in parts
-            if not ((tokenized / _part(i)).is_file() and (out / WORK / "token_counts" / _part(i)).is_file())]
+            if not (out.is_file(f"{TOKENIZED}/{_part(i)}") and out.is_file(f"{TOKEN_COUNTS}/{_part(i)}"))]
     log.info("tokens: %d of %d clean parts to tokenize", len(todo), len(parts))
-    _per_file(config, todo, _tokenize_file, (str(out), str(tok_path), config.tokenizer.eos_token))
+    _per_file(config, todo, _tokenize_file, (out.location, config.tokenizer.eos_token))
     splits = {s: SplitInfo() for s in ("train", "validation")}
     # One groupby over the per-file totals gives both: the stored tokens per split and, per language,
     # the characters per token (documents counted once, EOS excluded).
@@ -557,7 +576,7 @@ def _stage_tokens(config: DataConfig, out: Path) -> None:
     chars: Counter[str] = Counter()
     toks: Counter[str] = Counter()
     docs: Counter[str] = Counter()
-    totals = _read_parquet(out / WORK / "token_counts", TOKEN_COUNTS_SCHEMA.names)
+    totals = _read_parquet(out, TOKEN_COUNTS, TOKEN_COUNTS_SCHEMA.names)
     for row in totals.groupby(["split", "lang"], num_partitions=1).aggregate(
             Sum("documents"), Sum("nchars"), Sum("num_tokens"), Sum("stored")).iter_rows():
         lang, n = str(row["lang"]), int(row["sum(documents)"])
@@ -567,11 +586,12 @@ def _stage_tokens(config: DataConfig, out: Path) -> None:
         toks[lang] += int(row["sum(num_tokens)"]) - n
     # Shards per split from the stored bytes (uint32 tokens), so a shard is about target_shard_bytes.
     num_shards = {s: max(1, math.ceil(4 * n / config.pack.target_shard_bytes)) for s, n in stored.items()}
-    rows = _read_parquet(tokenized, ["order", "source", "split", "copies", "ids"])
+    rows = _read_parquet(out, TOKENIZED, ["order", "source", "split", "copies", "ids"])
     rows = rows.map_batches(_assign_shard, batch_format="pyarrow",
                             fn_kwargs={"seed": config.mix.seed, "num_shards": num_shards})
     packed = rows.groupby(["split", "shard"], num_partitions=_num_partitions(config)).map_groups(
-        _pack_task, batch_format="pyarrow", fn_kwargs={"out": str(out), "seq_len": config.pack.seq_len, "eos": eos})
+        _pack_task, batch_format="pyarrow",
+        fn_kwargs={"location": out.location, "seq_len": config.pack.seq_len, "eos": eos})
     tokens_per_source: Counter[str] = Counter()
     padding = 0
     for r in sorted(packed.iter_rows(), key=lambda r: (r["split"], r["shard"])):  # one row per shard
@@ -583,7 +603,7 @@ def _stage_tokens(config: DataConfig, out: Path) -> None:
         padding += int(r["num_padding"])
     cpt = {lang: round(chars[lang] / max(toks[lang], 1), 4) for lang in sorted(chars)}
     total_train = sum(tokens_per_source.values()) or 1
-    stats = json.loads((out / "stats.json").read_text())
+    stats = _read_json(out, "stats.json")
     weights = {s.name: s.weight for s in config.sources}
     for s in stats["by_source"]:  # sources named by the records themselves (a ``source`` field)
         weights.setdefault(s, None)
@@ -599,7 +619,7 @@ def _stage_tokens(config: DataConfig, out: Path) -> None:
         for s in weights
     }
     manifest = Manifest(seq_len=config.pack.seq_len, vocab_size=tok.get_vocab_size(),
-                        tokenizer_sha256=file_sha256(tok_path), splits=splits, eos_token_id=eos, sources=sources,
+                        tokenizer_sha256=_sha256(tok_json), splits=splits, eos_token_id=eos, sources=sources,
                         extra={"tokenizer": "tokenizer.json", "config_fingerprint": config.fingerprint(),
                                "chars_per_token": cpt, "num_padding_tokens": padding,
                                "packing": "documents joined by EOS, concatenated, cut into seq_len+1 rows"})
@@ -609,30 +629,30 @@ def _stage_tokens(config: DataConfig, out: Path) -> None:
                          "validation_sequences": splits["validation"].num_sequences,
                          "shards": {s: len(splits[s].files) for s in splits},
                          "realized_source_proportions": {s: v["realized_proportion"] for s, v in sources.items()}}
-    _write_json(out / "stats.json", stats)
-    write_manifest(out, manifest)
+    _write_json(out, "stats.json", stats)
+    write_manifest(out.path(), manifest, filesystem=out.fs)
 
 
-def prepare_data(config: DataConfig) -> Path:
-    """Run the whole data job; returns the output directory. Idempotent: a finished directory with the same
-    config returns at once; a partial one (after a crash) is completed, redoing only unfinished files. Uses
-    the running Ray cluster if there is one, else starts (and stops) a local one."""
-    out = Path(config.output).resolve()
+def prepare_data(config: DataConfig) -> Path | str:
+    """Run the whole data job; returns the output directory (a Path, or the URI for a remote output).
+    Idempotent: a finished directory with the same config returns at once; a partial one (after a crash)
+    is completed, redoing only unfinished files. Uses the running Ray cluster if there is one, else starts
+    (and stops) a local one."""
+    out = Output(config.output)
     fp = config.fingerprint()
-    done = out / SUCCESS
-    record = out / WORK / "config.json"
-    for marker in (done, record):
-        if marker.is_file():
-            prev = json.loads(marker.read_text()).get("fingerprint")
+    record = f"{WORK}/config.json"
+    for marker in (SUCCESS, record):
+        if out.is_file(marker):
+            prev = _read_json(out, marker).get("fingerprint")
             if prev != fp:
-                raise ConfigError(f"output {str(out)!r} holds a run of a different config (fingerprint {prev}, "
+                raise ConfigError(f"output {out.location!r} holds a run of a different config (fingerprint {prev}, "
                                   f"this one {fp}); choose a new --output or delete the directory")
-    if done.is_file():
+    result = Path(out.location) if out.local else out.location
+    if out.is_file(SUCCESS):
         log.info("data in %s is complete; nothing to do", out)
-        return out
-    (out / WORK).mkdir(parents=True, exist_ok=True)
-    if not record.is_file():
-        _write_json(record, {"fingerprint": fp, "config": to_dict(config)})
+        return result
+    if not out.is_file(record):
+        _write_json(out, record, {"fingerprint": fp, "config": to_dict(config)})
     started = _ensure_ray()
     try:
         t0 = time.time()
@@ -642,8 +662,8 @@ def prepare_data(config: DataConfig) -> Path:
             t = time.time()
             stage(config, out)
             timings[name] = round(time.time() - t, 2)
-        _write_json(done, {"fingerprint": fp, "seconds": round(time.time() - t0, 2), "stage_seconds": timings})
+        _write_json(out, SUCCESS, {"fingerprint": fp, "seconds": round(time.time() - t0, 2), "stage_seconds": timings})
     finally:
         if started:
             ray.shutdown()
-    return out
+    return result

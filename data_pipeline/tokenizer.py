@@ -63,11 +63,16 @@ def train_tokenizer(texts: Iterable[str], config: TokenizerConfig) -> Tokenizer:
     return tok
 
 
+def tokenizer_json(tok: Tokenizer) -> str:
+    """The tokenizer.json text (what ``Tokenizer.save`` writes)."""
+    return tok.to_str(pretty=True)
+
+
 def save_tokenizer(tok: Tokenizer, path: str | Path) -> str:
     """Write tokenizer.json atomically; returns its sha256."""
     path = Path(path)
     tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-    tok.save(str(tmp))
+    tmp.write_text(tokenizer_json(tok), encoding="utf-8")
     os.replace(tmp, path)
     return file_sha256(path)
 
@@ -97,8 +102,8 @@ class Tokenize:
 
     name = "tokenize"
 
-    def __init__(self, tokenizer_path: str, eos_token: str) -> None:
-        self.tok = load_tokenizer(tokenizer_path)
+    def __init__(self, tokenizer: str | Path | Tokenizer, eos_token: str) -> None:
+        self.tok = tokenizer if isinstance(tokenizer, Tokenizer) else load_tokenizer(tokenizer)
         self.eos = eos_id(self.tok, eos_token)
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:

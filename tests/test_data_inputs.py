@@ -119,7 +119,7 @@ def test_the_records_stage_passes_every_input_field_to_its_task(tree: Path) -> N
         (f,) = plan_inputs(cfg)
         out = tree / f"records-{source_field}"
         assert _records_file(dataclasses.asdict(f), cfg, str(out)) == 3
-        assert pq.read_table(out / "part-00000.parquet").column("source").to_pylist() == want
+        assert pq.read_table(out / "_work/records/part-00000.parquet").column("source").to_pylist() == want
 
 
 # ------------------------------------------------------------------------------------------------ tokenizer sample
@@ -129,16 +129,6 @@ def test_split_budget_proportional_and_equal() -> None:
     assert split_budget(5000, chars, "proportional") == {"a": 100.0, "b": 300.0, "c": 600.0}
     assert split_budget(500, chars, "equal") == {"a": 100.0, "b": 200.0, "c": 200.0}
     assert split_budget(900, chars, "equal") == {"a": 100.0, "b": 300.0, "c": 500.0}
-
-
-@pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
 
 
 def make_clean(root: Path) -> dict[int, dict]:
@@ -177,7 +167,7 @@ def reference(rows: dict[int, dict], quotas: dict[tuple[str, str], float], seed:
 
 
 @pytest.mark.ray
-def test_tokenizer_sample_is_balanced_reproducible_and_reported(ray_local, tmp_path: Path) -> None:
+def test_tokenizer_sample_is_balanced_reproducible_and_reported(ray_cluster, tmp_path: Path) -> None:
     import ray
 
     rows = make_clean(tmp_path / "clean")

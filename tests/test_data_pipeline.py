@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -21,16 +20,6 @@ from data_pipeline.run import prepare_data
 from data_pipeline.synthetic import Planted, make_planted_corpus
 
 pytestmark = pytest.mark.ray
-
-
-@pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")
@@ -123,7 +112,7 @@ class DriverRows:
 
 
 @pytest.fixture(scope="module")
-def run(ray_local, planted, tmp_path_factory) -> tuple[Planted, Path]:
+def run(ray_cluster, planted, tmp_path_factory) -> tuple[Planted, Path]:
     p, _ = planted
     out = tmp_path_factory.mktemp("out") / "data"
     counter = DriverRows()
@@ -291,7 +280,7 @@ def test_other_config_on_finished_output_is_refused(run) -> None:
         prepare_data(config_for(p, out, "pack.seq_len=64"))
 
 
-def test_mixing_weights_are_realized(ray_local, planted, tmp_path: Path) -> None:
+def test_mixing_weights_are_realized(ray_cluster, planted, tmp_path: Path) -> None:
     p, root = planted
     cfg = load_data_config(None, ["tokenizer.vocab_size=400", "pack.seq_len=32", "mix.validation_fraction=0.0",
                                   "dedup.exact=false", "dedup.fuzzy=false"],  # dedup is tested above
@@ -331,7 +320,7 @@ def planted_signatures(seed: int, n: int, width: int) -> tuple[np.ndarray, np.nd
     return order[perm], hashes[perm], sig[perm]
 
 
-def test_duplicates_dataset_decides_as_find_duplicates(ray_local) -> None:
+def test_duplicates_dataset_decides_as_find_duplicates(ray_cluster) -> None:
     import pyarrow as pa
     import ray
 
@@ -353,7 +342,7 @@ def test_duplicates_dataset_decides_as_find_duplicates(ray_local) -> None:
     assert dict(zip(rows["order"], rows["dup_reason"], strict=True)) == expected
 
 
-def test_components_of_a_shuffled_path_and_of_stars(ray_local) -> None:
+def test_components_of_a_shuffled_path_and_of_stars(ray_cluster) -> None:
     """Min-label propagation's worst case, a path whose labels must travel its whole length, shuffled."""
     import pyarrow as pa
     import ray

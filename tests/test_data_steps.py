@@ -32,6 +32,7 @@ from data_pipeline.config import (
 )
 from data_pipeline.dedup import DedupSignature, MinHasher, find_duplicates, jaccard
 from data_pipeline.mixing import assign_split, copies_for, mixing_rates
+from data_pipeline.output import Output
 from data_pipeline.packing import pack, pack_group
 from data_pipeline.readers import COLUMNS, InputFile, html_to_text, read_file
 from data_pipeline.run import build_stats
@@ -274,11 +275,11 @@ def test_pack_group_orders_by_copy_then_order(tmp_path: Path) -> None:
     a = pa.table({"order": [5], "source": ["a"], "copies": [2], "ids": [[1, 2, 0]]}, schema=schema)
     b = pa.table({"order": [1, 9], "source": ["b", "b"], "copies": [1, 0], "ids": [[3, 0], [7, 0]]}, schema=schema)
     group = pa.concat_tables([a, b])  # two chunks, as a map_groups batch may hold
-    r = pack_group(group, 3, 0, str(tmp_path / "s.arrow"))
+    r = pack_group(group, 3, 0, Output(tmp_path), "s.arrow")
     assert r["tokens_per_source"] == {"a": 6, "b": 2} and r["num_sequences"] == 2 and r["num_padding"] == 0
     assert read_token_shard(tmp_path / "s.arrow").reshape(-1).tolist() == [3, 0, 1, 2, 0, 1, 2, 0]
     (tmp_path / "s.arrow").write_bytes(b"kept")  # a finished shard is counted again, not rewritten
-    assert pack_group(group, 3, 0, str(tmp_path / "s.arrow"))["num_sequences"] == 2
+    assert pack_group(group, 3, 0, Output(tmp_path), "s.arrow")["num_sequences"] == 2
     assert (tmp_path / "s.arrow").read_bytes() == b"kept"
 
 

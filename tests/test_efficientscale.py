@@ -20,6 +20,9 @@ from aquila_ray.errors import ConfigError
 from aquila_ray.pipeline.efficientscale import STAGE_NAMES, plan_recipe, run_efficientscale
 from aquila_ray.pipeline.stages import MARKER
 
+RAY_CPUS = 3
+RAY_ENV = {"WANDB_MODE": os.environ.get("WANDB_MODE", "offline")}
+
 # ---------------------------------------------------------------------------------------------- config, plan
 
 
@@ -84,16 +87,6 @@ def test_until_must_name_a_stage(tmp_path: Path) -> None:
 # ---------------------------------------------------------------------------------------------- the pipeline
 STEPS = ["stage_small.steps=60", "stage_large.steps=30", "stage_moe.steps=40", "stage_small.checkpoint_every=30",
          "stage_large.checkpoint_every=30", "stage_moe.checkpoint_every=20", "eval_max_sequences=32"]
-
-
-@pytest.fixture(scope="module")
-def ray_cluster() -> Any:
-    import ray
-
-    os.environ.setdefault("WANDB_MODE", "offline")
-    ray.init(address="local", num_cpus=3, include_dashboard=False, log_to_driver=False)
-    yield ray
-    ray.shutdown()
 
 
 def markers(root: Path) -> dict[str, str]:

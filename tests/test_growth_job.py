@@ -105,14 +105,6 @@ def test_exported_grown_model_matches_transformers(small: Path, tmp_path: Path) 
         assert (hf(x).logits - ours(x).logits).abs().max() < 1e-4
 
 
-@pytest.fixture(scope="module")
-def ray_cluster():  # type: ignore[no-untyped-def]
-    ray = pytest.importorskip("ray")
-    ray.init(address="local", num_cpus=2, include_dashboard=False)
-    yield ray
-    ray.shutdown()
-
-
 @pytest.mark.ray
 def test_job_runs_as_a_ray_task(ray_cluster, small: Path, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     scale_up.main(["--src", str(small), "--dst", str(tmp_path / "out"), "--target-preset", "tiny-large",

@@ -8,7 +8,6 @@ builds each rank's experts from a dense checkpoint and starts at the dense model
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -25,20 +24,12 @@ from aquila_ray.train.metrics import read_metrics, read_wandb_history, wandb_run
 from aquila_ray.train.synthetic import write_synthetic_shards
 
 pytestmark = pytest.mark.ray
+RAY_CPUS = 4
+RAY_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
 
 BASE = ["global_batch_tokens=512", "micro_batch_size=4", "steps=4", "checkpoint.every=2", "optimizer.lr=3e-3",
         "schedule.warmup_steps=1", "eval_every=-1", "scaling.num_workers=2", "scaling.max_failures=0",
         "wandb.mode=offline"]
-
-
-@pytest.fixture(scope="module")
-def ray_cluster() -> Any:
-    import ray
-
-    os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = "0.5"
-    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
-    yield ray
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")

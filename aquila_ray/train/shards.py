@@ -9,7 +9,8 @@ counts and the tokenizer hash are in the manifest; paths in it are relative to t
 Reading (``ShardReader``, ``read_manifest``) goes through pyarrow filesystems: a local path or ``file://``
 is memory-mapped one record batch at a time; ``s3://``, ``gs://`` and other URIs
 (``pyarrow.fs.FileSystem.from_uri``) are opened for random access and only the record batches asked for are
-fetched. Writing is local (the data pipeline's output directory).
+fetched. Writing (``write_token_shard``, ``write_manifest``) goes through the same filesystems: a file is
+written under a temp name and moved into place, so a reader never sees half of one.
 """
 
 from __future__ import annotations
@@ -17,6 +18,9 @@ from __future__ import annotations
 import json
 import os
 import posixpath
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,8 +44,9 @@ def shard_schema(seq_len: int) -> pa.Schema:
     return pa.schema([pa.field(COLUMN, pa.list_(pa.uint32(), seq_len + 1))])
 
 
-def write_token_shard(path: str | Path, sequences: np.ndarray) -> int:
-    """Write an (N, seq_len + 1) integer array as one shard, atomically (temp name + rename).
+def write_token_shard(path: str | Path, sequences: np.ndarray, filesystem: pafs.FileSystem | None = None) -> int:
+    """Write an (N, seq_len + 1) integer array as one shard, atomically (temp name + move) at a local path, a
+    URI, or a path inside ``filesystem``.
 
     Returns N. Token ids must fit uint32.
     """
@@ -56,13 +61,29 @@ def write_token_shard(path: str | Path, sequences: np.ndarray) -> int:
     batch_rows = [min(BATCH_ROWS, len(seqs) - start) for start in range(0, len(seqs), BATCH_ROWS)]
     schema = shard_schema(width - 1).with_metadata({BATCH_ROWS_KEY: ",".join(map(str, batch_rows))})
     table = pa.Table.from_arrays([column], schema=schema)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-    with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
+    with atomic_output(path, filesystem) as sink, pa.ipc.new_file(sink, table.schema) as writer:
         writer.write_table(table, max_chunksize=BATCH_ROWS)
-    os.replace(tmp, path)
     return int(seqs.shape[0])
+
+
+@contextmanager
+def atomic_output(location: str | Path, filesystem: pafs.FileSystem | None) -> Iterator[pa.NativeFile]:
+    """An output stream whose bytes appear at ``location`` only when the block ends without an error: written
+    under a temp name, then ``FileSystem.move`` (a rename on a local disk; on an object store the final
+    object is created whole by the copy behind the move)."""
+    fs, target = resolve_location(location, filesystem)
+    parent = posixpath.dirname(target)
+    if parent:
+        fs.create_dir(parent, recursive=True)
+    tmp = f"{target}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    try:
+        with fs.open_output_stream(tmp, compression=None) as sink:  # bytes as given, whatever the name
+            yield sink
+        fs.move(tmp, target)
+    except BaseException:
+        if fs.get_file_info(tmp).type == pafs.FileType.File:
+            fs.delete_file(tmp)
+        raise
 
 
 def read_token_shard(path: str | Path, filesystem: pafs.FileSystem | None = None) -> np.ndarray:
@@ -144,9 +165,9 @@ class ShardReader:
         if isinstance(source, pa.MemoryMappedFile):
             rows, self._value_starts = self._scan_mapped(source, reader)
         else:
-            rows = _batch_rows_from_metadata(schema, reader.num_record_batches)
-            if rows is None:
-                rows = [reader.get_batch(i).num_rows for i in range(reader.num_record_batches)]
+            listed = _batch_rows_from_metadata(schema, reader.num_record_batches)
+            rows = listed if listed is not None else [reader.get_batch(i).num_rows
+                                                      for i in range(reader.num_record_batches)]
             self._reader = reader
         self.batch_offsets = np.concatenate([[0], np.cumsum(rows, dtype=np.int64)]).astype(np.int64)
         """Batch ``i`` holds the shard's rows ``[batch_offsets[i], batch_offsets[i + 1])``."""
@@ -310,12 +331,13 @@ class Manifest:
         }
 
 
-def write_manifest(directory: str | Path, manifest: Manifest) -> Path:
-    path = Path(directory) / "manifest.json"
-    tmp = path.with_name(f"manifest.json.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(manifest.to_json(), indent=2, ensure_ascii=False))
-    os.replace(tmp, path)
-    return path
+def write_manifest(directory: str | Path, manifest: Manifest, filesystem: pafs.FileSystem | None = None) -> str:
+    """Write ``directory/manifest.json`` atomically (local path, URI, or a path inside ``filesystem``)."""
+    fs, base = resolve_location(directory, filesystem)
+    target = str(join_location(base, "manifest.json"))
+    with atomic_output(target, fs) as sink:
+        sink.write(json.dumps(manifest.to_json(), indent=2, ensure_ascii=False).encode("utf-8"))
+    return target
 
 
 def read_manifest(directory: str | Path, filesystem: pafs.FileSystem | None = None) -> Manifest:
