@@ -13,12 +13,15 @@ from typing import Any
 from aquila_ray.errors import AquilaError
 
 
-def base_parser(description: str) -> argparse.ArgumentParser:
+def base_parser(description: str, takes_config: bool = True) -> argparse.ArgumentParser:
+    """The shared options; ``takes_config=False`` for a job that has no config to overlay (it offers no
+    ``--config``/``--set``, so they cannot be silently ignored)."""
     parser = argparse.ArgumentParser(description=description,
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--config", default=None, help="YAML/JSON file overlaid on the defaults")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
-                        help="override a config field, e.g. --set model.hidden_size=128 (repeatable)")
+    if takes_config:
+        parser.add_argument("--config", default=None, help="YAML/JSON file overlaid on the defaults")
+        parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
+                            help="override a config field, e.g. --set model.hidden_size=128 (repeatable)")
     parser.add_argument("--dry-run", action="store_true",
                         help="validate, print the resolved config and the plan, and exit without compute")
     return parser

@@ -15,7 +15,7 @@ from jobs.common import base_parser, print_plan, run_main
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = base_parser(__doc__ or "")
+    parser = base_parser(__doc__ or "", takes_config=False)
     sub = parser.add_subparsers(dest="direction", required=True)
     src = sub.add_parser("from-hf", help="import a Hugging Face model directory")
     src.add_argument("hf_dir")

@@ -17,7 +17,7 @@ SAMPLE_TASKS = Path(__file__).resolve().parent.parent / "aquila_ray" / "eval" / 
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = base_parser(__doc__ or "")
+    parser = base_parser(__doc__ or "", takes_config=False)
     parser.add_argument("--ckpt", required=True, help="checkpoint directory (dense or MoE)")
     parser.add_argument("--data", default=None, help="prepared data directory (for loss and the tokenizer)")
     parser.add_argument("--split", default="validation")

@@ -90,3 +90,16 @@ def test_bad_task_file(tmp_path: Path) -> None:
     bad.write_text("{oops\n")
     with pytest.raises(DataError, match=r"t.jsonl:1: not valid JSON"):
         read_tasks(bad)
+
+
+@pytest.mark.parametrize("job, args", [("evaluate", ["--ckpt", "c"]), ("convert_hf", ["to-hf", "c", "h"])])
+def test_jobs_without_a_config_refuse_config_flags(job: str, args: list[str],
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    """evaluate and convert_hf have no config: --config / --set are refused, not silently ignored."""
+    import importlib
+
+    main = importlib.import_module(f"jobs.{job}").main
+    for flag in (["--config", "x.yaml"], ["--set", "a=1"]):
+        with pytest.raises(SystemExit) as e:
+            main(args + flag)
+        assert e.value.code == 2 and f"unrecognized arguments: {flag[0]}" in capsys.readouterr().err
