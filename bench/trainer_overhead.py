@@ -26,13 +26,13 @@ import torch
 
 from aquila_ray.config import to_dict
 from aquila_ray.config.train import TrainConfig, build_train_config
+from aquila_ray.data.dataset import TokenDataset, rank_batch
+from aquila_ray.data.synthetic import write_synthetic_shards
 from aquila_ray.model import build_model
 from aquila_ray.train import run_training
-from aquila_ray.train.data import TokenDataset, rank_batch
 from aquila_ray.train.engine import param_groups
 from aquila_ray.train.metrics import read_metrics
 from aquila_ray.train.schedule import lr_at
-from aquila_ray.train.synthetic import write_synthetic_shards
 
 
 def bare_loop(cfg: TrainConfig, steps: int, threads: int) -> list[float]:

@@ -18,7 +18,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.fs as pafs
 
-from aquila_ray.train.shards import atomic_output, join_location, resolve_location
+from aquila_ray.data.shards import atomic_output, join_location, resolve_location
 
 PART_PREFIX = "part-"
 

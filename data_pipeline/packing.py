@@ -4,7 +4,7 @@ Documents are concatenated in a fixed order (copy index, then document order), s
 not depend on Ray's scheduling; the stream is cut into consecutive, non-overlapping rows of
 ``seq_len + 1`` tokens and the last row is padded with EOS. Concatenating a shard's rows therefore gives
 back exactly its documents separated by EOS (what the tests decode). This is the GPT-2/nanoGPT
-"concatenate and chunk" packing; the shard file format is ``aquila_ray.train.shards``.
+"concatenate and chunk" packing; the shard file format is ``aquila_ray.data.shards``.
 The pipeline groups the tokenized documents by (split, shard) with one Ray Data ``groupby``, so a group is
 one shard's documents (about ``pack.target_shard_bytes``) and no task rescans the tokenized set.
 """
@@ -18,7 +18,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from aquila_ray.train.shards import write_token_shard
+from aquila_ray.data.shards import write_token_shard
 from data_pipeline.output import Output
 
 

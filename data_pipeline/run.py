@@ -48,8 +48,8 @@ from ray.data.expressions import col
 from tokenizers import Tokenizer
 
 from aquila_ray.config.base import to_dict
+from aquila_ray.data.shards import Manifest, ShardInfo, SplitInfo, write_manifest
 from aquila_ray.errors import ConfigError, DataError
-from aquila_ray.train.shards import Manifest, ShardInfo, SplitInfo, write_manifest
 from data_pipeline import dedup
 from data_pipeline.config import DataConfig
 from data_pipeline.mixing import assign_split, copies_for, mixing_rates, unit_hash

@@ -38,10 +38,11 @@ def main(argv: list[str] | None = None) -> int:
 
         print_plan("prepare_data", {"config": to_dict(config), "plan": describe_plan(config)})
         return 0
+    from data_pipeline.output import Output
     from data_pipeline.run import prepare_data
 
     out = prepare_data(config)
-    stats = json.loads((out / "stats.json").read_text())
+    stats = json.loads(Output(out).read_text("stats.json"))  # a local directory or a URI (s3://...)
     print(json.dumps({"output": str(out), "total": stats["total"], "tokens": stats.get("tokenize", {})},
                      indent=2, ensure_ascii=False))
     return 0

@@ -332,7 +332,7 @@ class TestTokenAuthJobs:
         assert logs.returncode == 0, logs.stderr[-2000:]
         summary = json.loads(logs.stdout[logs.stdout.index("{\n"):logs.stdout.rindex("}") + 1])
         assert summary["output"] == str(out) and summary["total"]["kept"] > 0
-        from aquila_ray.train.shards import read_manifest
+        from aquila_ray.data.shards import read_manifest
 
         manifest = read_manifest(out)  # checks every listed shard exists
         assert manifest.seq_len == 32 and manifest.splits["train"].num_sequences > 0
@@ -535,8 +535,8 @@ class TestElasticTrainingJobAutoscaling:
     def test_elastic_train_job_gets_nodes_from_autoscaler(self, fake_cluster_zero_cpu_head: LocalHead) -> None:
         from ray.job_submission import JobSubmissionClient
 
+        from aquila_ray.data.synthetic import write_synthetic_shards
         from aquila_ray.train.metrics import read_metrics
-        from aquila_ray.train.synthetic import write_synthetic_shards
 
         head = fake_cluster_zero_cpu_head
         data = write_synthetic_shards(head.root / "data")

@@ -13,8 +13,8 @@ import pyarrow.parquet as pq
 import pytest
 from tokenizers import Tokenizer
 
+from aquila_ray.data.shards import read_manifest, read_token_shard
 from aquila_ray.errors import ConfigError
-from aquila_ray.train.shards import read_manifest, read_token_shard
 from data_pipeline.config import load_data_config
 from data_pipeline.run import prepare_data
 from data_pipeline.synthetic import Planted, make_planted_corpus

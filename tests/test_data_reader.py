@@ -11,9 +11,8 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pytest
 
-from aquila_ray.errors import DataError
-from aquila_ray.train.data import KeyedPermutation, TokenDataset, epoch_order, rank_batch, stream_indices
-from aquila_ray.train.shards import (
+from aquila_ray.data.dataset import KeyedPermutation, TokenDataset, epoch_order, rank_batch, stream_indices
+from aquila_ray.data.shards import (
     BATCH_ROWS,
     Manifest,
     ShardInfo,
@@ -24,6 +23,7 @@ from aquila_ray.train.shards import (
     write_manifest,
     write_token_shard,
 )
+from aquila_ray.errors import DataError
 
 
 def write_data(directory: Path, shards: list[np.ndarray], validation: np.ndarray | None = None) -> Path:

@@ -23,8 +23,8 @@ import pyarrow.parquet as pq
 import pytest
 from tokenizers import Tokenizer
 
-from aquila_ray.train.data import TokenDataset
-from aquila_ray.train.shards import read_manifest
+from aquila_ray.data.dataset import TokenDataset
+from aquila_ray.data.shards import read_manifest
 from data_pipeline.config import load_data_config
 from data_pipeline.output import Output
 from data_pipeline.run import prepare_data

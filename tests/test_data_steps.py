@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from aquila_ray.data.shards import read_token_shard
 from aquila_ray.errors import ConfigError
-from aquila_ray.train.shards import read_token_shard
 from data_pipeline import synthetic
 from data_pipeline.config import (
     ChineseQualityConfig,

@@ -12,10 +12,10 @@ from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
 from aquila_ray.checkpoint import save_model
 from aquila_ray.config import get_preset
+from aquila_ray.data.shards import Manifest, ShardInfo, SplitInfo, write_manifest, write_token_shard
 from aquila_ray.errors import DataError
 from aquila_ray.eval import choice_scores, evaluate_checkpoint, evaluate_loss, multiple_choice, read_tasks
 from aquila_ray.model import build_model
-from aquila_ray.train.shards import Manifest, ShardInfo, SplitInfo, write_manifest, write_token_shard
 
 
 def _data(tmp_path: Path) -> Path:
@@ -34,7 +34,7 @@ def test_loss_matches_direct_computation(tmp_path: Path) -> None:
     data = _data(tmp_path)
     model = build_model(get_preset("tiny"), seed=0).eval()
     res = evaluate_loss(model, data, batch_size=4)
-    from aquila_ray.train.shards import read_token_shard
+    from aquila_ray.data.shards import read_token_shard
 
     allrows = torch.from_numpy(np.concatenate([read_token_shard(p) for p in sorted(data.glob("tokens/validation/*"))])
                                .astype(np.int64))

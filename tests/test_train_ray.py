@@ -16,9 +16,9 @@ import torch
 
 from aquila_ray.checkpoint import load_state_dict
 from aquila_ray.config.train import TrainConfig, build_train_config
+from aquila_ray.data.synthetic import write_synthetic_shards
 from aquila_ray.train import TrainResult, run_training
 from aquila_ray.train.metrics import read_metrics, read_wandb_history, wandb_run_files
-from aquila_ray.train.synthetic import write_synthetic_shards
 
 pytestmark = pytest.mark.ray
 RAY_CPUS = 4

@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 
 from aquila_ray.config.train import ScheduleConfig, TrainConfig, build_train_config
+from aquila_ray.data.dataset import TokenDataset, rank_batch, stream_indices
+from aquila_ray.data.synthetic import write_synthetic_shards
 from aquila_ray.errors import CheckpointError, ConfigError, DataError
 from aquila_ray.train import plan, run_training, validate
-from aquila_ray.train.data import TokenDataset, rank_batch, stream_indices
 from aquila_ray.train.metrics import MetricsLogger, read_metrics, wandb_run_id
 from aquila_ray.train.schedule import lr_at
-from aquila_ray.train.synthetic import write_synthetic_shards
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +33,7 @@ def cfg_for(data_dir: Path, *overrides: str) -> TrainConfig:
 def test_dataset_addresses_across_shards(data_dir: Path) -> None:
     ds = TokenDataset(data_dir)
     assert len(ds) == 50
-    from aquila_ray.train.shards import read_manifest, read_token_shard
+    from aquila_ray.data.shards import read_manifest, read_token_shard
 
     rows = np.concatenate([read_token_shard(p) for p in read_manifest(data_dir).shard_paths("train")])
     idx = np.array([49, 0, 17, 33, 16])

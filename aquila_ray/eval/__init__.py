@@ -16,8 +16,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from aquila_ray.data.shards import read_manifest, read_token_shard
 from aquila_ray.errors import DataError
-from aquila_ray.train.shards import read_manifest, read_token_shard
 
 
 @torch.no_grad()

@@ -160,7 +160,7 @@ class _Run:
         self.cfg, self.root, self.storage, self.name, self.local = cfg, root, storage_path, run_name, local_tasks
 
     def models(self, outs: dict[str, dict[str, Any]]) -> Models:
-        from aquila_ray.train.shards import read_manifest
+        from aquila_ray.data.shards import read_manifest
 
         return resolve_models(self.cfg, read_manifest(outs["data"]["data_dir"]).vocab_size)
 
@@ -189,7 +189,7 @@ class _Run:
 
     # ------------------------------------------------------------------------------------------ stages
     def data(self, d: Path, outs: dict[str, dict[str, Any]]) -> dict[str, Any]:
-        from aquila_ray.train.shards import read_manifest
+        from aquila_ray.data.shards import read_manifest
 
         if self.cfg.data_dir:
             data_dir = str(Path(self.cfg.data_dir).resolve())

@@ -20,9 +20,9 @@ import yaml
 from aquila_ray.config.base import to_dict
 from aquila_ray.config.model import ModelConfig
 from aquila_ray.config.train import TrainConfig
+from aquila_ray.data.shards import Manifest, read_manifest
 from aquila_ray.errors import ConfigError, DataError
 from aquila_ray.train.metrics import METRICS_NAME, read_metrics
-from aquila_ray.train.shards import Manifest, read_manifest
 
 RUN_CONFIG_NAME = "train_config.yaml"
 WANDB_ENV = ("WANDB_MODE", "WANDB_API_KEY", "WANDB_BASE_URL", "WANDB_ENTITY", "WANDB_PROJECT", "WANDB_DIR")

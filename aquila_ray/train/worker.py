@@ -1,7 +1,7 @@
 """The Ray Train worker loop: one process per worker, DeepSpeed engine, deterministic data, checkpoints.
 
 Everything comes in through ``train_loop_per_worker(config)`` (no globals, STYLE.md rule 9). A step
-consumes the next global batch of the sample stream (``aquila_ray.train.data``); this rank trains on its
+consumes the next global batch of the sample stream (``aquila_ray.data.dataset``); this rank trains on its
 contiguous slice in micro-batches (gradient accumulation = per-rank batch / micro_batch_size, so the global
 batch in tokens stays fixed whatever the worker count). Every ``checkpoint.every`` steps all ranks assemble
 the layout-independent state and rank 0 registers it with ``ray.train.report``; a restarted worker group
@@ -28,8 +28,9 @@ import torch.utils.deterministic
 
 from aquila_ray.config.base import from_dict, to_dict
 from aquila_ray.config.train import TrainConfig
+from aquila_ray.data.dataset import TokenDataset, rank_batch
+from aquila_ray.data.shards import read_manifest
 from aquila_ray.train.checkpointing import read_training_checkpoint, write_training_checkpoint
-from aquila_ray.train.data import TokenDataset, rank_batch
 from aquila_ray.train.engine import (
     ParallelDims,
     build_engine,
@@ -45,7 +46,6 @@ from aquila_ray.train.engine import (
 )
 from aquila_ray.train.metrics import MetricsLogger
 from aquila_ray.train.schedule import lr_at
-from aquila_ray.train.shards import read_manifest
 
 CPU_PEAK_FLOPS = 1e12
 GPU_PEAK_FLOPS = 989e12  # H100 SXM bf16 dense

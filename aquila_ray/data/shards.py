@@ -91,7 +91,7 @@ def read_token_shard(path: str | Path, filesystem: pafs.FileSystem | None = None
 
     A shard of one record batch comes back as a zero-copy view of the memory-mapped file; a shard of several
     is copied into one array (record batches are not contiguous in the file). The trainer never calls this:
-    it reads single record batches through ``ShardReader`` under a memory cap (``train.data.TokenDataset``).
+    it reads single record batches through ``ShardReader`` under a memory cap (``data.dataset.TokenDataset``).
     """
     reader = ShardReader(path, filesystem)
     if reader.num_batches == 1:
@@ -157,7 +157,7 @@ class ShardReader:
                 or field_type.value_type != pa.uint32()):
             fields = ", ".join(f"{f.name}: {f.type}" for f in schema)
             raise DataError(f"token shard {self.location} has schema ({fields}); expected one fixed-size list "
-                            f"column {COLUMN!r} of uint32 (written by aquila_ray.train.shards.write_token_shard)")
+                            f"column {COLUMN!r} of uint32 (written by aquila_ray.data.shards.write_token_shard)")
         self.width = int(field_type.list_size)
         self._value_starts: list[int] | None = None
         """Local files: the byte offset in the file of each batch's first token."""

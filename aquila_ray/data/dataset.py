@@ -30,8 +30,8 @@ from pathlib import Path
 import numpy as np
 import pyarrow.fs as pafs
 
+from aquila_ray.data.shards import Manifest, ShardReader, join_location, read_manifest, resolve_location
 from aquila_ray.errors import DataError
-from aquila_ray.train.shards import Manifest, ShardReader, join_location, read_manifest, resolve_location
 
 DEFAULT_CACHE_BYTES = 1 << 30
 """The default byte cap of a dataset's record-batch LRU (``TrainConfig.data_cache_bytes``)."""

@@ -2,7 +2,7 @@
 
 Each sequence is an arithmetic progression modulo the vocabulary, ``t[i+1] = (t[i] + d) % V`` with a random
 start and a stride ``d`` in [1, 8): a model lowers its loss within a few steps, so "loss goes down" tests
-are quick. Written with the real shard format (``aquila_ray.train.shards``).
+are quick. Written with the real shard format (``aquila_ray.data.shards``).
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from aquila_ray.train.shards import Manifest, ShardInfo, SplitInfo, write_manifest, write_token_shard
+from aquila_ray.data.shards import Manifest, ShardInfo, SplitInfo, write_manifest, write_token_shard
 
 
 def write_synthetic_shards(directory: str | Path, num_train: int = 256, num_validation: int = 32, seq_len: int = 32,
