@@ -11,9 +11,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from aquila_ray.eval import SAMPLE_TASKS, evaluate_checkpoint
 from jobs.common import base_parser, print_plan, run_main
-
-SAMPLE_TASKS = Path(__file__).resolve().parent.parent / "aquila_ray" / "eval" / "tasks" / "sample_cloze.jsonl"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -26,8 +25,6 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tokenizer", default=None, help="tokenizer.json (default: DATA/tokenizer.json)")
     parser.add_argument("--output", default=None, help="write the results JSON here too")
     args = parser.parse_args(argv)
-    from aquila_ray.eval import evaluate_checkpoint
-
     if args.dry_run:
         print_plan("evaluate", vars(args))
         return

@@ -209,11 +209,14 @@ def test_crash_then_rerun_finishes_with_same_result(run, tmp_path: Path) -> None
     p, out = run
     copy = tmp_path / "data"
     shutil.copytree(out, copy)
-    # a crash after tokenization: no manifest, no shards, no success marker; a stale temp dir left behind
+    # a crash after tokenization: no manifest, no shards, no success marker; the half-written temp files of
+    # a part and of a shard left behind (what a killed writer leaves), which the rerun must not read
     for name in ("_SUCCESS", "manifest.json"):
         (copy / name).unlink()
     shutil.rmtree(copy / "tokens")
-    (copy / "_work" / "tokenized.tmp").mkdir()
+    (copy / "_work" / "tokenized" / "part-00000.parquet.tmp-1-deadbeef").write_bytes(b"PAR1 half")
+    (copy / "tokens" / "train").mkdir(parents=True)
+    (copy / "tokens" / "train" / "part-00000.arrow.tmp-1-deadbeef").write_bytes(b"ARROW1 half")
     prepare_data(config_for(p, copy))
     assert json.loads((copy / "manifest.json").read_text()) == json.loads((out / "manifest.json").read_text())
     for a, b in zip(sorted((out / "tokens").rglob("*.arrow")), sorted((copy / "tokens").rglob("*.arrow")),

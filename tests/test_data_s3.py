@@ -29,6 +29,7 @@ from data_pipeline.config import load_data_config
 from data_pipeline.output import Output
 from data_pipeline.run import prepare_data
 from data_pipeline.synthetic import Planted, make_planted_corpus
+from jobs import prepare_data as prepare_data_job
 
 pytestmark = pytest.mark.ray
 BUCKET = "aquila"
@@ -67,12 +68,13 @@ def upload(fs: pafs.FileSystem, local: Path, key: str) -> None:
             out.write(f.read_bytes())
 
 
+# near dedup off: its shuffles cost time and write nothing the exact dedup does not (tested elsewhere)
+OVERRIDES = ["tokenizer.vocab_size=400", "pack.seq_len=32", "mix.validation_fraction=0.1", "language.min_score=0.5",
+             "domain.blocked_domains=[spam.example]", "dedup.fuzzy=false", "shuffle_partitions=2"]
+
+
 def config(inputs: list[str], output: str):
-    # near dedup off: its shuffles cost time and write nothing the exact dedup does not (tested elsewhere)
-    return load_data_config(None, ["tokenizer.vocab_size=400", "pack.seq_len=32", "mix.validation_fraction=0.1",
-                                   "language.min_score=0.5", "domain.blocked_domains=[spam.example]",
-                                   "dedup.fuzzy=false", "shuffle_partitions=2"],
-                            inputs=inputs, output=output)
+    return load_data_config(None, OVERRIDES, inputs=inputs, output=output)
 
 
 @dataclass
@@ -143,10 +145,15 @@ def test_trainer_reads_the_shards_from_s3(run: Run) -> None:
     assert np.array_equal(remote.get(every), np.concatenate(expected)[every])
 
 
-def test_rerun_on_s3_is_a_noop_and_a_crash_is_finished(run: Run) -> None:
+def test_rerun_on_s3_is_a_noop_and_a_crash_is_finished(run: Run, capsys: pytest.CaptureFixture[str]) -> None:
     out = Output(run.uri)
     done, manifest = out.read_bytes("_SUCCESS"), out.read_bytes("manifest.json")
     prepare_data(config(run.inputs, run.uri))
+    assert out.read_bytes("_SUCCESS") == done
+    # the job a user runs, on the finished S3 output: returns at once and prints the totals read from S3
+    args = ["--output", run.uri] + [a for i in run.inputs for a in ("--input", i)]
+    assert prepare_data_job.main(args + [a for o in OVERRIDES for a in ("--set", o)]) == 0
+    assert json.loads(capsys.readouterr().out)["total"] == json.loads(out.read_text("stats.json"))["total"]
     assert out.read_bytes("_SUCCESS") == done
     # a crash in the tokens stage: no manifest, no success marker, one shard and one tokenized part gone
     shard = sorted(rel for _, rel in out.parts("tokens/train", suffix=".arrow"))[0]

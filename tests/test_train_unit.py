@@ -255,3 +255,15 @@ def test_gradient_clipping_bounds_the_step(data_dir: Path, clip: float) -> None:
     assert r["grad_norm"] > 2 * max(clip, 1.0)  # the tiny model's first gradient is above every clip here
     seen = clip if clip else r["grad_norm"]
     assert r["exp_avg_norm"] == pytest.approx((1 - r["beta1"]) * seen, rel=1e-4)
+
+
+def test_read_metrics_skips_only_a_torn_last_line(tmp_path: Path) -> None:
+    """One reader for the trainer and the report: no file is no rows, a torn last line (a crash mid-write) is
+    left out, a bad line before it is an error naming the line."""
+    path = tmp_path / "metrics.jsonl"
+    assert read_metrics(path) == []
+    path.write_text('{"step": 1}\n\n{"step": 2}\n{"step": 3, "lo')
+    assert read_metrics(path) == [{"step": 1}, {"step": 2}]
+    path.write_text('{"step": 1}\n{"step": 2, "lo\n{"step": 3}\n')
+    with pytest.raises(DataError, match="line 2 is not JSON"):
+        read_metrics(path)

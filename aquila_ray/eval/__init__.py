@@ -19,6 +19,9 @@ import torch.nn.functional as F
 from aquila_ray.data.shards import read_manifest, read_token_shard
 from aquila_ray.errors import DataError
 
+SAMPLE_TASKS = Path(__file__).resolve().parent / "tasks" / "sample_cloze.jsonl"
+"""The bundled multiple-choice sample (the default of ``jobs.evaluate`` and of the recipe's ``eval_tasks``)."""
+
 
 @torch.no_grad()
 def evaluate_loss(model: torch.nn.Module, data_dir: str | Path, split: str = "validation", batch_size: int = 8,

@@ -29,9 +29,11 @@ from aquila_ray.config.model import ModelConfig
 from aquila_ray.config.recipe import RecipeConfig, StageConfig
 from aquila_ray.config.train import stage_train_config
 from aquila_ray.errors import ConfigError
+from aquila_ray.eval import SAMPLE_TASKS
 from aquila_ray.pipeline.plan import stage_plan
-from aquila_ray.pipeline.report import build_report, plot_loss_vs_flops, read_metrics
+from aquila_ray.pipeline.report import build_report, plot_loss_vs_flops
 from aquila_ray.pipeline.stages import Stage, run_stages, stage_dir
+from aquila_ray.train.metrics import read_metrics
 from aquila_ray.upcycle import UpcycleOptions
 
 log = logging.getLogger("aquila_ray.pipeline")
@@ -40,7 +42,6 @@ STAGE_NAMES = ("data", "train_small", "scale_up", "train_large", "scale_out", "t
 TRAIN_STAGES = {"train_small": "stage_small", "train_large": "stage_large", "train_moe": "stage_moe"}
 REPORT_NAME = "report.json"
 PLOT_NAME = "loss_vs_flops.png"
-SAMPLE_TASKS = Path(__file__).resolve().parent.parent / "eval" / "tasks" / "sample_cloze.jsonl"
 # what a stage's exported model keeps of Ray Train's checkpoint (no optimizer state: the next stage starts fresh)
 _KEEP = ("config.json", "model.safetensors.index.json", "trainer_state.json")
 

@@ -8,25 +8,10 @@ previous stage's final (smoothed) training loss.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 SMOOTH = 0.9
-
-
-def read_metrics(path: str | Path) -> list[dict[str, Any]]:
-    """Rows of a metrics.jsonl file (one JSON object per line), skipping a torn last line."""
-    rows: list[dict[str, Any]] = []
-    p = Path(path)
-    if not p.is_file():
-        return rows
-    for line in p.read_text().splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return rows
 
 
 def ema(values: list[float], beta: float = SMOOTH) -> list[float]:

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from aquila_ray.config.train import WandbConfig
+from aquila_ray.errors import DataError
 
 log = logging.getLogger("aquila_ray.train")
 
@@ -101,8 +102,21 @@ class MetricsLogger:
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
-    """The rows of a metrics.jsonl file."""
-    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+    """The rows of a metrics.jsonl file ([] when there is none yet). A last line that does not parse is a
+    write torn by a crash and is left out; a bad line before it is an error."""
+    p = Path(path)
+    if not p.is_file():
+        return []
+    lines = [line for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
+    rows = []
+    for i, line in enumerate(lines):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            if i == len(lines) - 1:
+                break
+            raise DataError(f"{p}: line {i + 1} is not JSON ({e}); only the last line may be torn") from e
+    return rows
 
 
 def _leveldb_records(data: bytes) -> list[bytes]:
