@@ -380,7 +380,7 @@ def _finalize_file(item: dict[str, Any], location: str, rates: dict[str, float],
         keep = pa.array([not r for r in reasons])
         full = pa.table({**{k: t[k] for k in columns if k != "reason"}, "reason": reasons, "split": splits,
                          "copies": pa.array(copies, pa.int32())})
-        counts.append(full.group_by(STATS_KEYS).aggregate([([], "count_all")]))
+        counts.append(full.group_by(STATS_KEYS, use_threads=False).aggregate([([], "count_all")]))
         rej = full.filter(pc.invert(keep))
         rej = rej.set_column(rej.schema.get_field_index("text"), "text",
                              pc.utf8_slice_codeunits(rej.column("text"), 0, config.rejected_text_chars))
@@ -394,7 +394,7 @@ def _finalize_file(item: dict[str, Any], location: str, rates: dict[str, float],
             c, r = decide(batch.to_pydict())
             clean.write(c)
             rejected.write(r)
-        summed = [pa.concat_tables(counts).group_by(STATS_KEYS).aggregate([("count_all", "sum")])
+        summed = [pa.concat_tables(counts).group_by(STATS_KEYS, use_threads=False).aggregate([("count_all", "sum")])
                   .rename_columns({"count_all_sum": "documents"})] if counts else []
         _write_parts(out, f"{COUNTS}/{name}", COUNTS_SCHEMA, summed)
     return clean.rows
@@ -529,15 +529,15 @@ def _token_totals(t: pa.Table) -> pa.Table:
     (split, lang) of a tokenized table."""
     stored = pc.multiply(t.column("num_tokens"), pc.cast(t.column("copies"), pa.int64()))
     t = t.select(["split", "lang", "nchars", "num_tokens"]).append_column("stored", stored)
-    g = t.group_by(["split", "lang"]).aggregate([([], "count_all"), ("nchars", "sum"), ("num_tokens", "sum"),
-                                                 ("stored", "sum")])
+    g = t.group_by(["split", "lang"], use_threads=False).aggregate(  # see tokenizer._block_counts
+        [([], "count_all"), ("nchars", "sum"), ("num_tokens", "sum"), ("stored", "sum")])
     return g.rename_columns({"count_all": "documents", "nchars_sum": "nchars", "num_tokens_sum": "num_tokens",
                              "stored_sum": "stored"})
 
 
 def _sum_totals(t: pa.Table) -> pa.Table:
     cols = ["documents", "nchars", "num_tokens", "stored"]
-    g = t.group_by(["split", "lang"]).aggregate([(c, "sum") for c in cols])
+    g = t.group_by(["split", "lang"], use_threads=False).aggregate([(c, "sum") for c in cols])
     return g.rename_columns({f"{c}_sum": c for c in cols})
 
 

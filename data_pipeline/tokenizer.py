@@ -227,7 +227,10 @@ def _train_rows(batch: pa.Table) -> pa.Table:
 
 def _block_counts(batch: pa.Table) -> pa.Table:
     """Characters and documents per (lang, source) of one block: the partial aggregate, a few rows."""
-    t = _train_rows(batch).group_by(["lang", "source"]).aggregate([("nchars", "sum"), ("nchars", "count")])
+    # use_threads=False: Acero's threaded group_by fails now and then inside Ray workers ("thread index 10
+    # is out of range [0, 10)", seen in the test suite); a block's few groups need no threads
+    t = _train_rows(batch).group_by(["lang", "source"], use_threads=False).aggregate(
+        [("nchars", "sum"), ("nchars", "count")])
     return t.rename_columns({"nchars_sum": "chars", "nchars_count": "docs"}).select(["lang", "source", "chars", "docs"])
 
 
