@@ -21,6 +21,7 @@ from aquila_ray.data.dataset import TokenDataset, stream_indices
 from aquila_ray.data.synthetic import write_synthetic_shards
 from aquila_ray.model import build_model
 from aquila_ray.train import TrainResult, run_training
+from aquila_ray.train.checkpointing import iter_saved_tensors
 from aquila_ray.train.metrics import read_metrics, read_wandb_history, wandb_run_files
 
 pytestmark = pytest.mark.ray
@@ -109,13 +110,11 @@ def test_moe_killed_worker_resumes_bit_identical(ep2: TrainResult, data_dir: Pat
     result = run_training(cfg, storage, "moe-killed")
     killed_at = json.loads((Path(result.run_dir) / "fault_injection-rank1-step3.json").read_text())["time"]
     assert [r["step"] for r in read_metrics(result.metrics_path) if r["time"] < killed_at] == [1, 2]
-    from safetensors.torch import load_file
-
-    for name in ("model.safetensors", "optimizer.safetensors"):
-        a = load_file(str(Path(result.checkpoint_path or "") / name))
-        b = load_file(str(Path(ep2.checkpoint_path or "") / name))
+    for read in (lambda r: load_state_dict(r.checkpoint_path)[0], lambda r: dict(iter_saved_tensors(r.checkpoint_path))):
+        a, b = read(result), read(ep2)
         assert a.keys() == b.keys()
-        assert all(torch.equal(a[k], b[k]) for k in a), name
+        different = [k for k in a if not torch.equal(a[k], b[k])]
+        assert not different, different[:5]
 
 
 @pytest.mark.slow

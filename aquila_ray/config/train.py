@@ -99,11 +99,17 @@ class CheckpointingConfig:
     """Register a checkpoint every N optimizer steps (and always after the last step)."""
     num_to_keep: int | None = 2
     """Ray Train keeps this many registered checkpoints (None: all)."""
+    export_every: int | None = None
+    """Also write the model checkpoint (config.json + safetensors, what ``load_model`` opens) into every
+    N-th step's training checkpoint; None: only into the last one. Training checkpoints are sharded (one
+    file per rank) and resume without it."""
     max_shard_bytes: int = 2 * 1024**3
-    """Split model and optimizer safetensors files above this size."""
+    """Split the model checkpoint's safetensors files above this size."""
 
     def __post_init__(self) -> None:
         _check_positive_int("CheckpointingConfig", every=self.every, max_shard_bytes=self.max_shard_bytes)
+        if self.export_every is not None:
+            _check_positive_int("CheckpointingConfig", export_every=self.export_every)
         if self.num_to_keep is not None:
             _check_positive_int("CheckpointingConfig", num_to_keep=self.num_to_keep)
 
@@ -153,6 +159,9 @@ class ScalingOptions:
                                   f"{self.num_workers}; valid: 1 <= min_workers <= num_workers")
         if self.zero_stage not in (0, 1, 2):
             raise ConfigError(f"ScalingOptions.zero_stage={self.zero_stage!r} is not valid; choose 0, 1 or 2")
+        if self.use_gpu and self.zero_stage == 0:
+            raise ConfigError("ScalingOptions.zero_stage=0 with use_gpu=true is not valid: bf16 gradients are "
+                              "accumulated in fp32 only by DeepSpeed's ZeRO optimizers; choose 1 or 2")
         if not isinstance(self.max_failures, int) or self.max_failures < -1:
             raise ConfigError(f"ScalingOptions.max_failures={self.max_failures!r} must be an integer >= 0 "
                               f"(-1: unlimited)")

@@ -1,76 +1,198 @@
-"""Training checkpoints: the model checkpoint format plus optimizer state, trainer state and RNG.
+"""Sharded training checkpoints: every rank writes only the state it owns; any world size reads them back.
 
-A training checkpoint directory is a model checkpoint (``aquila_ray.checkpoint``: ``config.json``,
-safetensors weights and index, so ``aquila_ray.load_model`` opens it directly) with, beside it:
+A training checkpoint is one directory that Ray Train assembles from every rank's files (each rank calls
+``ray.train.report(checkpoint=...)`` with its own directory; Ray Train merges them into one registered
+checkpoint on the storage path and registers it only once every rank has uploaded):
 
-- ``optimizer.safetensors``: full fp32 Adam moments per parameter name (``NAME.exp_avg``, ``NAME.exp_avg_sq``),
-  the optimizer step in its metadata; layout-independent like the weights;
-- ``trainer_state.json``: step, consumed samples and tokens (the data position), epoch, cumulative FLOPs,
-  world size and global batch at save time, seed, last metrics;
-- ``rng.safetensors``: every rank's torch RNG state as uint8 tensors (restored when the world size matches);
-- ``train_config.json``: the TrainConfig of the run that wrote it.
+- ``state/shard-NNNNN-model-00001-of-00001.safetensors``: rank N-1's fragments, written by
+  ``torch.distributed.checkpoint`` (DCP) through its Hugging Face safetensors storage. Each key is one
+  flattened parameter: ``weight/NAME`` (the fp32 master weights), ``exp_avg/NAME`` and ``exp_avg_sq/NAME``
+  (Adam's moments), and a rank stores the contiguous slice of it that its ZeRO partition (or its experts)
+  owns, with the slice's offset in the safetensors metadata (``DCP_SHARDING_INFO``). No file holds the
+  whole state; on load DCP's planner maps the saved slices onto the loading rank's slices whatever the
+  world size or expert-parallel size, and reads only those byte ranges (``safe_open(...).get_slice``).
+- ``trainer_state.json`` (rank 0): step, data position, optimizer step, world size, the model config;
+- ``rng-rank-NNNNN.safetensors``: each rank's torch RNG state;
+- ``train_config.json`` (rank 0): the TrainConfig of the run that wrote it;
+- at the end of a run (and every ``checkpoint.export_every`` steps): the model checkpoint
+  (``config.json``, safetensors shards, index; what ``aquila_ray.load_model``, growth, upcycling and the HF
+  export read), streamed one tensor at a time by rank 0.
 
-Rank 0 writes it under a temporary name and renames it (``save_checkpoint`` is atomic), then registers it
-with ``ray.train.report``; a resume reads only what Ray Train registered (``ray.train.get_checkpoint()``).
+Why DCP with safetensors storage and not DeepSpeed's ``save_checkpoint``: DeepSpeed's ZeRO checkpoints
+load only at the world size that wrote them (a world-size change needs an offline universal-checkpoint
+conversion of the whole state) and are pickles; DCP reshards on load, and its safetensors storage keeps
+the metadata in JSON headers, so nothing is unpickled (docs/training.md, "Checkpoints").
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed.checkpoint as dcp
+from safetensors import safe_open
 from safetensors.torch import load_file
-from safetensors.torch import save as save_bytes
+from torch.distributed.checkpoint import HuggingFaceStorageReader, HuggingFaceStorageWriter
+from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex, TensorProperties
+from torch.distributed.checkpoint.planner import TensorWriteData, WriteItem, WriteItemType
 
-from aquila_ray.checkpoint import load_state_dict, save_checkpoint
+from aquila_ray.checkpoint import CheckpointWriter
+from aquila_ray.checkpoint.io import DEFAULT_SHARD_BYTES, _model_keys, atomic_directory
+from aquila_ray.config.base import from_dict
 from aquila_ray.config.model import ModelConfig
 from aquila_ray.errors import CheckpointError
 
-OPTIMIZER_NAME = "optimizer.safetensors"
+STATE_DIR = "state"
 TRAINER_STATE_NAME = "trainer_state.json"
-RNG_NAME = "rng.safetensors"
 TRAIN_CONFIG_NAME = "train_config.json"
+WEIGHT, ADAM_KEYS = "weight", ("exp_avg", "exp_avg_sq")
+STATE_KINDS = (WEIGHT, *ADAM_KEYS)
+SHARDING_KEY = "DCP_SHARDING_INFO"
 
 
-@dataclass
-class TrainingCheckpoint:
-    model_state: dict[str, torch.Tensor]
-    model_config: ModelConfig
-    optimizer_state: dict[str, torch.Tensor]
-    optimizer_step: int
-    trainer_state: dict[str, Any]
-    rng: dict[str, torch.Tensor]
+def rng_name(rank: int) -> str:
+    return f"rng-rank-{rank:05d}.safetensors"
 
 
-def write_training_checkpoint(directory: str | Path, model_state: dict[str, torch.Tensor], model_config: ModelConfig,
-                              optimizer_state: dict[str, torch.Tensor], optimizer_step: int,
-                              trainer_state: dict[str, Any], rng: dict[str, torch.Tensor],
-                              train_config: dict[str, Any], max_shard_bytes: int) -> Path:
-    extra: dict[str, str | bytes] = {
-        OPTIMIZER_NAME: save_bytes({k: v.contiguous() for k, v in optimizer_state.items()},
-                                   metadata={"step": str(optimizer_step), "format": "aquila-ray-adamw/1"}),
-        TRAINER_STATE_NAME: json.dumps(trainer_state, indent=2),
-        RNG_NAME: save_bytes(rng),
-        TRAIN_CONFIG_NAME: json.dumps(train_config, indent=2, default=str),
-    }
-    return save_checkpoint(directory, model_state, model_config, max_shard_bytes=max_shard_bytes, extra_files=extra)
+def state_key(kind: str, name: str) -> str:
+    """The checkpoint key of parameter ``name``'s ``kind`` (weight, exp_avg, exp_avg_sq)."""
+    return f"{kind}/{name}"
 
 
-def read_training_checkpoint(directory: str | Path) -> TrainingCheckpoint:
-    d = Path(directory)
-    for name in (OPTIMIZER_NAME, TRAINER_STATE_NAME):
-        if not (d / name).is_file():
-            raise CheckpointError(f"{d} has no {name}: a model checkpoint, not a training checkpoint; start a "
-                                  f"new run from it with init=checkpoint, init_from={d}")
-    model_state, model_config = load_state_dict(d)
-    from safetensors import safe_open
+class Fragment(torch.Tensor):
+    """The slice ``[offset, offset + local.numel())`` of a flattened tensor of ``numel`` elements, which is
+    what a ZeRO partition holds of a parameter. DCP sees it as one chunk of a 1-D tensor through the
+    checkpointable protocol DTensor implements (``__create_write_items__``, ``__create_chunk_list__``,
+    ``__get_tensor_shard__``); ``local`` is a view into the optimizer's buffers, so a load writes in place.
+    It carries no data of its own and supports no tensor operations."""
 
-    with safe_open(str(d / OPTIMIZER_NAME), framework="pt") as f:
-        step = int((f.metadata() or {}).get("step", "0"))
-    optimizer_state = load_file(str(d / OPTIMIZER_NAME))
-    rng = load_file(str(d / RNG_NAME)) if (d / RNG_NAME).is_file() else {}
-    trainer_state = json.loads((d / TRAINER_STATE_NAME).read_text())
-    return TrainingCheckpoint(model_state, model_config, optimizer_state, step, trainer_state, rng)
+    _local: torch.Tensor
+    _offset: int
+
+    @staticmethod
+    def __new__(cls, local: torch.Tensor, offset: int, numel: int) -> Fragment:
+        r = torch.Tensor._make_wrapper_subclass(cls, (numel,), dtype=local.dtype, device=local.device)
+        r._local, r._offset = local, offset
+        return r  # type: ignore[no-any-return]
+
+    def _chunk(self) -> ChunkStorageMetadata:
+        return ChunkStorageMetadata(offsets=torch.Size([self._offset]), sizes=torch.Size([self._local.numel()]))
+
+    def __create_write_items__(self, fqn: str, obj: Any) -> list[WriteItem]:
+        return [WriteItem(index=MetadataIndex(fqn, torch.Size([self._offset])), type=WriteItemType.SHARD,
+                          tensor_data=TensorWriteData(chunk=self._chunk(), size=self.size(),
+                                                      properties=TensorProperties.create_from_tensor(self._local)))]
+
+    def __create_chunk_list__(self) -> list[ChunkStorageMetadata]:
+        return [self._chunk()]
+
+    def __get_tensor_shard__(self, index: MetadataIndex) -> torch.Tensor:
+        return self._local
+
+    @classmethod
+    def __torch_dispatch__(cls, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:  # type: ignore[override]
+        raise RuntimeError(f"a checkpoint Fragment supports no tensor operations (called {func})")
+
+    def __repr__(self) -> str:  # type: ignore[override]
+        return f"Fragment(offset={self._offset}, numel={self._local.numel()} of {self.numel()})"
+
+
+def save_sharded_state(directory: str | Path, fragments: Mapping[str, torch.Tensor]) -> None:
+    """Write this rank's fragments under ``directory/state``. Collective (DCP plans over the default
+    process group); each rank may pass its own local directory (Ray Train merges them)."""
+    d = Path(directory) / STATE_DIR
+    d.mkdir(parents=True, exist_ok=True)
+    dcp.save(dict(fragments), storage_writer=HuggingFaceStorageWriter(str(d), save_distributed=True))
+
+
+def load_sharded_state(directory: str | Path, fragments: Mapping[str, torch.Tensor]) -> None:
+    """Fill ``fragments`` (views into this rank's buffers) from a checkpoint written at any world size.
+    Collective. A key the checkpoint lacks raises CheckpointError naming it."""
+    d = Path(directory) / STATE_DIR
+    if not d.is_dir():
+        raise CheckpointError(f"{directory} has no {STATE_DIR}/ directory: not a sharded training checkpoint "
+                              f"(a model checkpoint starts a new run with init=checkpoint, init_from={directory})")
+    try:
+        dcp.load(dict(fragments), storage_reader=HuggingFaceStorageReader(str(d)))
+    except RuntimeError as e:
+        if "Missing key in checkpoint" in str(e):
+            raise CheckpointError(f"{directory} does not match this model: {e}") from e
+        raise
+
+
+def _state_files(directory: Path) -> list[Path]:
+    files = sorted((directory / STATE_DIR).glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"{directory}/{STATE_DIR} holds no safetensors files")
+    return files
+
+
+def saved_chunks(directory: str | Path) -> dict[str, list[tuple[int, int, Path]]]:
+    """Per key, the saved slices as (offset, numel, file), read from the safetensors headers only."""
+    out: dict[str, list[tuple[int, int, Path]]] = {}
+    for path in _state_files(Path(directory)):
+        with safe_open(str(path), framework="pt") as f:
+            offsets = json.loads((f.metadata() or {}).get(SHARDING_KEY, "{}"))
+            for key in f.keys():
+                numel = int(torch.Size(f.get_slice(key).get_shape()).numel())
+                out.setdefault(key, []).append((int(offsets.get(key, {}).get("saved_offsets", [0])[0]), numel, path))
+    for chunks in out.values():
+        chunks.sort()
+    return out
+
+
+def iter_saved_tensors(directory: str | Path, keys: list[str] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """(key, whole flattened tensor) for each saved key, one at a time, assembled from every rank's slice:
+    memory is bounded by the largest tensor. For tools, tests and ``export_model``, not for training."""
+    chunks = saved_chunks(directory)
+    for key in keys if keys is not None else sorted(chunks):
+        parts = chunks.get(key)
+        if parts is None:
+            raise CheckpointError(f"{directory} has no saved tensor {key!r}")
+        numel = max(off + n for off, n, _ in parts)
+        if sum(n for _, n, _ in parts) != numel:
+            raise CheckpointError(f"{directory}: the saved slices of {key!r} do not tile it exactly")
+        pieces = []
+        for _, _, path in parts:
+            with safe_open(str(path), framework="pt") as f:
+                pieces.append(f.get_tensor(key))
+        yield key, torch.cat(pieces) if len(pieces) > 1 else pieces[0]
+
+
+def write_json(path: Path, content: Mapping[str, Any]) -> None:
+    path.write_text(json.dumps(content, indent=2, default=str))
+
+
+def read_trainer_state(directory: str | Path) -> dict[str, Any]:
+    path = Path(directory) / TRAINER_STATE_NAME
+    if not path.is_file():
+        raise CheckpointError(f"{directory} has no {TRAINER_STATE_NAME}: not a training checkpoint (a model "
+                              f"checkpoint starts a new run with init=checkpoint, init_from={directory})")
+    return dict(json.loads(path.read_text()))
+
+
+def read_rng(directory: str | Path, rank: int, world_size: int) -> torch.Tensor | None:
+    """This rank's saved RNG state when the world size is unchanged, else rank 0's (or None)."""
+    state = read_trainer_state(directory)
+    path = Path(directory) / rng_name(rank if state.get("world_size") == world_size else 0)
+    return load_file(str(path))["torch_cpu"] if path.is_file() else None
+
+
+def model_config_of(trainer_state: Mapping[str, Any]) -> ModelConfig:
+    return from_dict(ModelConfig, trainer_state["model_config"])
+
+
+def export_model(directory: str | Path, output: str | Path, max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> Path:
+    """Write the model checkpoint (config.json + safetensors + index) of a sharded training checkpoint,
+    consolidating one tensor at a time (memory: the largest tensor plus one output shard)."""
+    cfg = model_config_of(read_trainer_state(directory))
+    shapes = _model_keys(cfg)
+    keys = [state_key(WEIGHT, name) for name in sorted(shapes)]
+    with atomic_directory(output) as tmp, CheckpointWriter(tmp, cfg, max_shard_bytes) as writer:
+        for key, flat in iter_saved_tensors(directory, keys):
+            name = key.split("/", 1)[1]
+            writer.add(name, flat.reshape(shapes[name]))
+    return Path(output)

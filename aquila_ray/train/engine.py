@@ -8,14 +8,16 @@ an init checkpoint, online upcycling, or the resumed checkpoint), (3) AdamW para
 decay on norms and biases; MoE expert parameters in their own groups), (4) ``deepspeed.initialize`` with
 ZeRO-1 (or 2) and gradient accumulation derived from the worker count.
 
-Optimizer state is saved per parameter name (full fp32 ``exp_avg`` / ``exp_avg_sq`` tensors, assembled
-from the ZeRO partitions) so that a checkpoint written at W workers loads at any other W; DeepSpeed's own
-ZeRO checkpoints only load at the world size that wrote them.
+Training state is checkpointed per rank (``owned_state``: the rank's ZeRO slice of every fp32 master weight
+and Adam moment, as views into DeepSpeed's buffers; ``aquila_ray.train.checkpointing`` writes and reshards
+them with torch.distributed.checkpoint); the model export streams one whole tensor at a time
+(``iter_model_tensors``).
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,11 +25,11 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from aquila_ray.checkpoint import load_state_dict
 from aquila_ray.config.model import ModelConfig
 from aquila_ray.config.train import TrainConfig
 from aquila_ray.model import Aquila3, build_model
-
-ADAM_KEYS = ("exp_avg", "exp_avg_sq")
+from aquila_ray.train.checkpointing import ADAM_KEYS, WEIGHT, Fragment, state_key
 
 
 @dataclass
@@ -49,14 +51,22 @@ def create_parallel_groups(dims: ParallelDims, model_cfg: ModelConfig) -> Any:
     return create_groups(dims.ep)
 
 
-def build_worker_model(cfg: TrainConfig, model_cfg: ModelConfig, ep_groups: Any,
-                       state_dict: dict[str, torch.Tensor] | None, device: torch.device) -> Aquila3:
-    """Step 2: the model with its starting weights. ``state_dict`` (full, layout-independent: the resumed
-    checkpoint) wins; otherwise ``cfg.init`` decides (scratch, an init checkpoint, online upcycling)."""
-    if state_dict is None and cfg.init == "checkpoint":
-        from aquila_ray.checkpoint import load_state_dict
+def build_worker_model(cfg: TrainConfig, model_cfg: ModelConfig, ep_groups: Any, device: torch.device,
+                       resuming: bool = False) -> Aquila3:
+    """Step 2: this rank's model with its starting weights. ``resuming``: built on the meta device and only
+    allocated (no init, no checkpoint read; the sharded checkpoint fills it after the engine is built);
+    otherwise ``cfg.init`` decides (seeded init, an init checkpoint, online upcycling)."""
+    if resuming:
+        with torch.device("meta"):
+            model = Aquila3(model_cfg)
+        if ep_groups is not None:
+            from aquila_ray.train.moe_support import shard_experts
 
-        state_dict, _ = load_state_dict(cfg.init_from)  # type: ignore[arg-type]
+            shard_experts(model, ep_groups.ep)
+        return model.to_empty(device=device)
+    state_dict = None
+    if cfg.init == "checkpoint":  # the driver verified the shard digests (trainer.validate)
+        state_dict, _ = load_state_dict(cfg.init_from, verify=False)  # type: ignore[arg-type]
     if model_cfg.moe is not None:
         from aquila_ray.train.moe_support import build_moe_model
 
@@ -69,17 +79,6 @@ def build_worker_model(cfg: TrainConfig, model_cfg: ModelConfig, ep_groups: Any,
             raise RuntimeError(f"state dict does not match the model: missing {missing[:5]}, "
                                f"unexpected {unexpected[:5]}")
     return model.to(device)
-
-
-def full_model_state_dict(model: nn.Module, ep_groups: Any) -> dict[str, torch.Tensor]:
-    """Every weight, unsharded, keyed by parameter name (experts gathered over the EP group). Collective."""
-    sd = {k: v.detach().to("cpu", torch.float32 if v.is_floating_point() else v.dtype).contiguous()
-          for k, v in model.state_dict().items()}
-    if ep_groups is not None:
-        from aquila_ray.train.moe_support import gather_experts
-
-        sd = gather_experts(model, sd, ep_groups)
-    return sd
 
 
 def param_groups(model: nn.Module, weight_decay: float, ep_groups: Any = None) -> list[dict[str, Any]]:
@@ -104,9 +103,10 @@ def param_groups(model: nn.Module, weight_decay: float, ep_groups: Any = None) -
 
 
 def effective_zero_stage(cfg: TrainConfig, world_size: int) -> int:
-    """ZeRO partitions over data-parallel ranks; with one worker there is nothing to partition and stage 1/2
-    would only add flat-buffer copies each step, so a single worker runs stage 0 (same result)."""
-    return cfg.scaling.zero_stage if world_size > 1 else 0
+    """ZeRO partitions over data-parallel ranks; with one CPU worker there is nothing to partition and stage
+    1/2 would only add flat-buffer copies each step, so it runs stage 0 (same result). On GPU the configured
+    stage always runs: DeepSpeed accumulates bf16 gradients in fp32 only inside its ZeRO optimizers."""
+    return cfg.scaling.zero_stage if world_size > 1 or cfg.scaling.use_gpu else 0
 
 
 def deepspeed_config(cfg: TrainConfig, micro_batch: int, grad_accum: int, world_size: int) -> dict[str, Any]:
@@ -117,6 +117,9 @@ def deepspeed_config(cfg: TrainConfig, micro_batch: int, grad_accum: int, world_
         "zero_optimization": {"stage": effective_zero_stage(cfg, world_size)},
         "zero_allow_untested_optimizer": True,
         "bf16": {"enabled": cfg.scaling.use_gpu},
+        # bf16 gradients are summed over micro-steps in fp32 buffers (BF16_Optimizer / ZeRO's separate
+        # accumulation), never in bf16
+        **({"data_types": {"grad_accum_dtype": "fp32"}} if cfg.scaling.use_gpu else {}),
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
         # always explicit: DeepSpeed's default is 1.0, so leaving it out would clip when grad_clip=0 says "off"
@@ -145,7 +148,7 @@ def set_lr(engine: Any, lr: float) -> None:
         group["lr"] = lr
 
 
-# ---- layout-independent optimizer state -----------------------------------------------------------------
+# ---- the rank's own training state (sharded checkpoints) ---------------------------------------------------
 
 def _torch_optimizer(engine: Any) -> torch.optim.Optimizer:
     """The torch AdamW inside DeepSpeed's wrapper (ZeRO-1/2 and bf16 wrappers hold it as ``.optimizer``)."""
@@ -157,7 +160,8 @@ def _zero_fragment(opt: torch.optim.Optimizer, p: torch.nn.Parameter) -> tuple[t
     """(flat fp32 partition, start in it, start in the parameter, numel) of this rank's slice of ``p``.
 
     DeepSpeed's ZeRO-1/2 and bf16 optimizers give each low-precision parameter an ``_hp_mapping`` into the
-    flat fp32 partition that torch's optimizer steps (one per parameter group)."""
+    flat fp32 partition that torch's optimizer steps (one per parameter group); None when this rank's
+    partition holds none of ``p``."""
     mapping = getattr(p, "_hp_mapping", None)
     if mapping is None:
         return None
@@ -169,107 +173,91 @@ def _is_partitioned(model: nn.Module) -> bool:
     return any(hasattr(p, "_hp_mapping") for p in model.parameters())
 
 
-def _gather_hp(engine: Any, model: nn.Module, dims: ParallelDims, key: str | None) -> dict[str, torch.Tensor]:
-    """Full fp32 tensors per parameter name from the partitioned flat fp32 buffers: Adam moment ``key``, or
-    the fp32 master weights when ``key`` is None. Collective over each parameter's data-parallel group."""
+def _adam_state(opt: torch.optim.Optimizer, key: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The AdamW state of ``key`` (a parameter or a flat partition), created as torch would at its first
+    step when the optimizer has not stepped yet (a resume loads into it)."""
+    st = opt.state[key]
+    if not st:
+        st.update({"step": torch.tensor(0.0), **{k: torch.zeros_like(key, dtype=torch.float32) for k in ADAM_KEYS}})
+    return st
+
+
+def owned_state(engine: Any, model: nn.Module) -> dict[str, torch.Tensor]:
+    """This rank's slices of every parameter's fp32 master weight and Adam moments, keyed by
+    ``state_key(kind, name)``: with ZeRO, the rank's partition; without (one worker), the whole tensors;
+    expert parameters under their global expert ids. Values are checkpoint ``Fragment`` views into the
+    optimizer's buffers, so ``save_sharded_state`` writes them without a copy and ``load_sharded_state``
+    fills them in place. Nothing here is gathered from other ranks."""
     opt = _torch_optimizer(engine)
-    out = {}
+    out: dict[str, torch.Tensor] = {}
+    partitioned = _is_partitioned(model)
     for name, p in model.named_parameters():
-        full = torch.zeros(p.numel(), dtype=torch.float32, device=p.device)
-        frag = _zero_fragment(opt, p)
-        if frag is not None:
+        if partitioned:
+            frag = _zero_fragment(opt, p)
+            if frag is None or frag[3] == 0:
+                continue
             flat, hp_start, lp_start, n = frag
-            src = flat if key is None else opt.state.get(flat, {}).get(key)
-            if src is not None:
-                full[lp_start:lp_start + n] = src[hp_start:hp_start + n]
-        if dims.world_size > 1:
-            dist.all_reduce(full, group=getattr(p, "_dp_group", None))
-        out[name] = full.reshape(p.shape).cpu()
+            st = _adam_state(opt, flat)
+            sources = {WEIGHT: flat.data, **{k: st[k] for k in ADAM_KEYS}}
+            for kind, src in sources.items():
+                out[state_key(kind, name)] = Fragment(src[hp_start:hp_start + n], lp_start, p.numel())
+        else:  # ZeRO-0 fp32 (one worker): torch's own per-parameter state
+            st = _adam_state(opt, p)
+            sources = {WEIGHT: p.data, **{k: st[k] for k in ADAM_KEYS}}
+            for kind, src in sources.items():
+                out[state_key(kind, name)] = Fragment(src.view(-1), 0, p.numel())
     return out
 
 
-def gather_master_weights(engine: Any, model: nn.Module, dims: ParallelDims, ep_groups: Any = None
-                          ) -> dict[str, torch.Tensor] | None:
-    """The fp32 master weights per name when the module itself is low precision (bf16 on GPU), else None
-    (fp32 modules hold the master weights). Collective."""
-    if all(p.dtype == torch.float32 for p in model.parameters()) or not _is_partitioned(model):
-        return None
-    sd = {k: v.detach().float().cpu() for k, v in model.state_dict().items()}  # buffers, tied names
-    sd.update(_gather_hp(engine, model, dims, None))
-    if ep_groups is not None:
-        from aquila_ray.train.moe_support import gather_experts
-
-        sd = gather_experts(model, sd, ep_groups)
-    return sd
+def optimizer_step(engine: Any) -> int:
+    """How many steps the optimizer has taken (Adam's bias correction uses it)."""
+    steps = [int(st["step"]) for st in _torch_optimizer(engine).state.values() if "step" in st]
+    return max(steps, default=0)
 
 
-def load_master_weights(engine: Any, model: nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """Put full fp32 master weights into the partitioned fp32 buffers (low-precision modules only: their
-    fp32 copy was built from the bf16 parameters and would lose the checkpoint's low bits)."""
-    if all(p.dtype == torch.float32 for p in model.parameters()) or not _is_partitioned(model):
-        return
+def finish_load(engine: Any, model: nn.Module, step: int) -> None:
+    """After ``load_sharded_state`` filled ``owned_state``: set the optimizer step and, with ZeRO, copy the
+    loaded fp32 master partitions into the module's weights (DeepSpeed's ``update_lp_params``: each rank
+    casts its partition, then an all-gather over the data-parallel group). Collective with ZeRO."""
     opt = _torch_optimizer(engine)
-    for name, p in model.named_parameters():
-        frag = _zero_fragment(opt, p)
-        if frag is not None:
-            flat, hp_start, lp_start, n = frag
-            flat.data[hp_start:hp_start + n].copy_(state[name].reshape(-1)[lp_start:lp_start + n])
-
-
-def gather_optimizer_state(engine: Any, model: nn.Module, dims: ParallelDims,
-                           ep_groups: Any = None) -> tuple[dict[str, torch.Tensor], int]:
-    """Full fp32 Adam moments per parameter name (``NAME.exp_avg``, ``NAME.exp_avg_sq``) and the optimizer
-    step. Collective: every rank calls it; the assembled tensors are valid on every rank."""
-    opt = _torch_optimizer(engine)
-    out: dict[str, torch.Tensor] = {}
-    steps = [int(st["step"]) for st in opt.state.values() if "step" in st]
-    step = max(steps, default=0)
+    for st in opt.state.values():
+        st["step"] = torch.tensor(float(step))
     if _is_partitioned(model):
-        for key in ADAM_KEYS:
-            out.update({f"{name}.{key}": t for name, t in _gather_hp(engine, model, dims, key).items()})
-    else:  # ZeRO-0 fp32: torch's own per-parameter state, replicated on every rank
-        for name, p in model.named_parameters():
-            st = opt.state.get(p, {})
-            for key in ADAM_KEYS:
-                out[f"{name}.{key}"] = (st[key].float().cpu().clone() if key in st
-                                        else torch.zeros(p.shape, dtype=torch.float32))
-    if dims.world_size > 1:
-        t = torch.tensor([step], dtype=torch.int64)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        step = int(t.item())
-    if ep_groups is not None:
-        from aquila_ray.train.moe_support import gather_experts
-
-        out = gather_experts(model, out, ep_groups, suffixes=tuple(f".{k}" for k in ADAM_KEYS))
-    return out, step
-
-
-def load_optimizer_state(engine: Any, model: nn.Module, state: dict[str, torch.Tensor], step: int,
-                         dims: ParallelDims) -> None:
-    """Put full per-name Adam moments into the (possibly ZeRO-partitioned) optimizer, at optimizer step
-    ``step``. Works whatever the world size (and expert-parallel layout) that saved them: only the names
-    this rank's model holds are read."""
-    opt = _torch_optimizer(engine)
-    missing = [f"{n}.{k}" for n, _ in model.named_parameters() for k in ADAM_KEYS if f"{n}.{k}" not in state]
-    if missing:
-        raise RuntimeError(f"optimizer state lacks {len(missing)} tensor(s), e.g. {missing[:3]}")
-    step_t = torch.tensor(float(step), dtype=torch.float32)
-    if _is_partitioned(model):
-        for group in opt.param_groups:
-            for flat in group["params"]:
-                opt.state[flat] = {"step": step_t.clone(), **{k: torch.zeros_like(flat) for k in ADAM_KEYS}}
-        for name, p in model.named_parameters():
-            frag = _zero_fragment(opt, p)
-            if frag is None:
-                continue
-            flat, hp_start, lp_start, n = frag
-            for key in ADAM_KEYS:
-                src = state[f"{name}.{key}"].reshape(-1)[lp_start:lp_start + n]
-                opt.state[flat][key][hp_start:hp_start + n].copy_(src)
+        engine.optimizer.update_lp_params()
         if hasattr(engine.optimizer, "_hp_optimizer_states_linked"):
             engine.optimizer._hp_optimizer_states_linked = False  # relink fragments to the new state tensors
-    else:
-        for name, p in model.named_parameters():
-            opt.state[p] = {"step": step_t.clone(),
-                            **{k: state[f"{name}.{k}"].to(p.device, torch.float32).reshape(p.shape).clone()
-                               for k in ADAM_KEYS}}
+
+
+def _full_master(opt: torch.optim.Optimizer, p: torch.nn.Parameter) -> torch.Tensor:
+    """The whole fp32 master weight of ``p`` from every rank's slice (on p's device). Collective over p's
+    data-parallel group."""
+    full = torch.zeros(p.numel(), dtype=torch.float32, device=p.device)
+    frag = _zero_fragment(opt, p)
+    if frag is not None:
+        flat, hp_start, lp_start, n = frag
+        full[lp_start:lp_start + n] = flat.data[hp_start:hp_start + n]
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(full, group=getattr(p, "_dp_group", None))
+    return full.reshape(p.shape)
+
+
+def iter_model_tensors(engine: Any, model: Aquila3, ep_groups: Any = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """Every tensor of the model checkpoint as a whole fp32 CPU tensor, one at a time, in a fixed order
+    (experts under their global ids): what rank 0 streams into the model export. Low-precision modules
+    (bf16) contribute their fp32 masters. Collective: every rank iterates to the end; memory is one tensor
+    (times the expert-parallel size for an expert tensor)."""
+    opt = _torch_optimizer(engine)
+    masters = _is_partitioned(model) and any(p.dtype != torch.float32 for p in model.parameters())
+    params = dict(model.named_parameters())
+    for name, t in model.state_dict(keep_vars=True).items():
+        if model.config.tie_embeddings and name == "lm_head.weight":
+            continue  # stored once, as embed.weight
+        p = params.get(name)
+        full = _full_master(opt, p) if masters and p is not None else t.detach()
+        parts: Iterator[tuple[str, torch.Tensor]] = iter([(name, full)])
+        if ep_groups is not None:  # gathered on the device, then moved to the CPU one tensor at a time
+            from aquila_ray.train.moe_support import gather_expert_tensor
+
+            parts = gather_expert_tensor(name, full, ep_groups, model.config.moe.num_experts)  # type: ignore[union-attr]
+        for key, part in parts:
+            yield key, part.to("cpu", torch.float32 if part.is_floating_point() else part.dtype)

@@ -9,6 +9,7 @@ Imported only for MoE models, so dense runs never load the MoE package.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -23,9 +24,8 @@ from aquila_ray.moe.parallel import (
     create_expert_parallel_groups,
     local_expert_state,
     mark_expert_params,
-    moe_layers,
     register_with_deepspeed,
-    shard_experts,
+    shard_experts,  # re-exported for the resume path (engine.build_worker_model)
     split_moe_param_groups,
 )
 
@@ -71,39 +71,20 @@ def moe_param_groups(model: nn.Module, groups: list[dict[str, Any]],
     return split_moe_param_groups(groups)
 
 
-def _split_key(key: str, suffixes: tuple[str, ...]) -> tuple[str, int, str] | None:
-    """(prefix up to the expert id, global expert id, rest incl. suffix) for expert tensors, else None."""
-    for suffix in suffixes:
-        if not key.endswith(suffix):
-            continue
-        m = _EXPERT_KEY.match(key[: len(key) - len(suffix)])
-        if m is not None:
-            return m.group(1), int(m.group(2)), m.group(3) + suffix
-    return None
-
-
-def gather_experts(model: nn.Module, tensors: dict[str, torch.Tensor], groups: ExpertParallelGroups,
-                   suffixes: tuple[str, ...] = ("",)) -> dict[str, torch.Tensor]:
-    """Replace this rank's expert tensors by every expert's (all-gathered over the EP group, renamed to
-    global expert ids). Keys are ``PARAM + suffix``. Collective; the walk order is (layer, local index,
-    tensor), identical on every rank whatever the string order of the expert ids."""
+def gather_expert_tensor(name: str, tensor: torch.Tensor, groups: ExpertParallelGroups, num_experts: int
+                         ) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) for a non-expert tensor; for this rank's expert tensor, the same tensor of every expert
+    at its position in the other ranks of the EP group (all-gathered over it, renamed to global expert ids).
+    Collective over the EP group: its ranks walk their state dicts in the same (layer, local index, tensor)
+    order, so the i-th call on each rank meets the same local expert slot."""
+    m = _EXPERT_KEY.match(name)
     ep = groups.ep
-    if ep.size == 1:
-        return tensors
-    num_local = len(next(moe_layers(model)).local_expert_ids)
-    out: dict[str, torch.Tensor] = {}
-    walk: list[tuple[str, int, str]] = []
-    for key, t in tensors.items():
-        parts = _split_key(key, suffixes)
-        if parts is None:
-            out[key] = t
-        else:
-            prefix, expert, rest = parts
-            walk.append((prefix, expert - ep.rank * num_local, rest))
-    for prefix, j, rest in sorted(walk):
-        t = tensors[f"{prefix}{ep.rank * num_local + j}{rest}"].contiguous()
-        gathered = [torch.empty_like(t) for _ in range(ep.size)]
-        dist.all_gather(gathered, t, group=ep.group)
-        for r, part in enumerate(gathered):
-            out[f"{prefix}{r * num_local + j}{rest}"] = part
-    return out
+    if m is None or ep.size == 1:
+        yield name, tensor
+        return
+    num_local = len(ep.local_experts(num_experts))
+    local = int(m.group(2)) - ep.rank * num_local
+    gathered = [torch.empty_like(tensor) for _ in range(ep.size)]
+    dist.all_gather(gathered, tensor.contiguous(), group=ep.group)
+    for r, part in enumerate(gathered):
+        yield f"{m.group(1)}{r * num_local + local}{m.group(3)}", part

@@ -76,7 +76,8 @@ def validate(cfg: TrainConfig) -> Manifest:
     if cfg.init in ("checkpoint", "upcycle"):
         from aquila_ray.checkpoint import CheckpointReader
 
-        reader = CheckpointReader(cfg.init_from, verify=False)  # type: ignore[arg-type]
+        # every shard's digest is checked here, once, so the workers read it with verify=False
+        reader = CheckpointReader(cfg.init_from, verify=True)  # type: ignore[arg-type]
         src = reader.config
         if cfg.init == "checkpoint" and _shape(src) != _shape(cfg.model):
             diff = {k: (v, _shape(cfg.model)[k]) for k, v in _shape(src).items() if _shape(cfg.model)[k] != v}
@@ -114,6 +115,12 @@ def plan(cfg: TrainConfig, manifest: Manifest | None = None) -> dict[str, Any]:
     }
 
 
+def process_group_backend(use_gpu: bool) -> str:
+    """The torch.distributed backend per device: with GPUs, NCCL for CUDA tensors and Gloo for the CPU ones
+    (metric sums, sample fingerprints, DCP's plan exchange), so no CPU tensor meets an NCCL-only group."""
+    return "cpu:gloo,cuda:nccl" if use_gpu else "cpu:gloo"
+
+
 def run_dir_for(storage_path: str, run_name: str) -> str:
     return f"{storage_path.rstrip('/')}/{run_name}"
 
@@ -132,7 +139,7 @@ def run_training(cfg: TrainConfig, storage_path: str | os.PathLike[str], run_nam
     """
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
+    from ray.train.torch import TorchConfig, TorchTrainer
 
     from aquila_ray.train.worker import train_loop_per_worker
 
@@ -170,7 +177,7 @@ def run_training(cfg: TrainConfig, storage_path: str | os.PathLike[str], run_nam
         worker_runtime_env={"env_vars": env},
     )
     trainer = TorchTrainer(
-        train_loop_per_worker,
+        train_loop_per_worker, torch_config=TorchConfig(backend=process_group_backend(s.use_gpu)),
         train_loop_config={"train": to_dict(cfg), "run_name": run_name, "log_dir": str(log_dir)},
         scaling_config=scaling, run_config=run_config,
     )

@@ -3,14 +3,16 @@
 Everything comes in through ``train_loop_per_worker(config)`` (no globals, STYLE.md rule 9). A step
 consumes the next global batch of the sample stream (``aquila_ray.data.dataset``); this rank trains on its
 contiguous slice in micro-batches (gradient accumulation = per-rank batch / micro_batch_size, so the global
-batch in tokens stays fixed whatever the worker count). Every ``checkpoint.every`` steps all ranks assemble
-the layout-independent state and rank 0 registers it with ``ray.train.report``; a restarted worker group
-(failure, rerun of the job with the same name, or a different worker count) resumes from
-``ray.train.get_checkpoint()`` only.
+batch in tokens stays fixed whatever the worker count). Every ``checkpoint.every`` steps every rank writes
+the state it owns (``aquila_ray.train.checkpointing``) and reports it with ``ray.train.report``; Ray Train
+merges the ranks' files into one registered checkpoint. A restarted worker group (failure, rerun of the job
+with the same name, or a different worker count or expert-parallel size) resumes from
+``ray.train.get_checkpoint()`` only, each rank reading the slices it now owns.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -25,23 +27,34 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.utils.deterministic
+from safetensors.torch import save_file
 
+from aquila_ray.checkpoint import CheckpointWriter
 from aquila_ray.config.base import from_dict, to_dict
 from aquila_ray.config.train import TrainConfig
 from aquila_ray.data.dataset import TokenDataset, rank_batch
 from aquila_ray.data.shards import read_manifest
-from aquila_ray.train.checkpointing import read_training_checkpoint, write_training_checkpoint
+from aquila_ray.train.checkpointing import (
+    TRAIN_CONFIG_NAME,
+    TRAINER_STATE_NAME,
+    load_sharded_state,
+    model_config_of,
+    read_rng,
+    read_trainer_state,
+    rng_name,
+    save_sharded_state,
+    write_json,
+)
 from aquila_ray.train.engine import (
     ParallelDims,
     build_engine,
     build_worker_model,
     create_parallel_groups,
     effective_zero_stage,
-    full_model_state_dict,
-    gather_master_weights,
-    gather_optimizer_state,
-    load_master_weights,
-    load_optimizer_state,
+    finish_load,
+    iter_model_tensors,
+    optimizer_step,
+    owned_state,
     set_lr,
 )
 from aquila_ray.train.metrics import MetricsLogger
@@ -135,31 +148,29 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     per_rank = batch // dims.world_size
     grad_accum = per_rank // cfg.micro_batch_size
 
-    # Resume from what Ray Train registered, never from a directory listing.
-    resumed = None
-    ckpt = ray.train.get_checkpoint()
-    if ckpt is not None:
-        with ckpt.as_directory() as d:
-            resumed = read_training_checkpoint(d)
-    model_cfg = resumed.model_config if resumed is not None else cfg.model
-
-    # The fixed order (torchtitan's parallelize_llama): groups, model, parameter groups, engine.
-    ep = create_parallel_groups(dims, model_cfg)
-    model = build_worker_model(cfg, model_cfg, ep, resumed.model_state if resumed else None, device)
-    engine = build_engine(model, cfg, cfg.micro_batch_size, grad_accum, dims.world_size, ep)
-    module = engine.module
-
+    # Resume from what Ray Train registered, never from a directory listing. Every rank reads only the
+    # slices of the sharded state its new partition owns (any world size, any expert-parallel size).
     state: dict[str, Any] = {"step": 0, "consumed_samples": cfg.data_start, "consumed_tokens": 0,
                              "cumulative_flops": 0.0}
-    if resumed is not None:
-        load_master_weights(engine, module, resumed.model_state)
-        load_optimizer_state(engine, module, resumed.optimizer_state, resumed.optimizer_step, dims)
-        state.update({k: resumed.trainer_state[k] for k in state})
-        saved_world = resumed.trainer_state.get("world_size")
-        key = f"torch_cpu.rank{dims.rank}" if saved_world == dims.world_size else "torch_cpu.rank0"
-        if key in resumed.rng:
-            torch.set_rng_state(resumed.rng[key])
-        del resumed
+    ckpt = ray.train.get_checkpoint()
+    with contextlib.ExitStack() as stack:
+        resume_dir = Path(stack.enter_context(ckpt.as_directory())) if ckpt is not None else None
+        saved = read_trainer_state(resume_dir) if resume_dir is not None else None
+        model_cfg = model_config_of(saved) if saved is not None else cfg.model
+
+        # The fixed order (torchtitan's parallelize_llama): groups, model, parameter groups, engine.
+        ep = create_parallel_groups(dims, model_cfg)
+        model = build_worker_model(cfg, model_cfg, ep, device, resuming=saved is not None)
+        engine = build_engine(model, cfg, cfg.micro_batch_size, grad_accum, dims.world_size, ep)
+        module = engine.module
+
+        if resume_dir is not None and saved is not None:
+            load_sharded_state(resume_dir, owned_state(engine, module))
+            finish_load(engine, module, int(saved["optimizer_step"]))
+            state.update({k: saved[k] for k in state})
+            rng = read_rng(resume_dir, dims.rank, dims.world_size)
+            if rng is not None:
+                torch.set_rng_state(rng)
     start_step = int(state["step"])
 
     flops_per_token = model_cfg.flops_per_token(seq_len)
@@ -244,7 +255,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 logger.log(row)
             last_row = row
             if step % cfg.checkpoint.every == 0 or is_last:
-                _save_and_report(engine, module, cfg, dims, ep, state, row, batch, Checkpoint, ray.train.report)
+                export = is_last or bool(cfg.checkpoint.export_every and step % cfg.checkpoint.export_every == 0)
+                _save_and_report(engine, module, cfg, dims, ep, state, row, batch, export, Checkpoint,
+                                 ray.train.report)
         if logger is not None and last_row:
             print(f"[aquila-ray] {run_name}: done at step {step}", flush=True)
     finally:
@@ -253,27 +266,32 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
 
 def _save_and_report(engine: Any, module: torch.nn.Module, cfg: TrainConfig, dims: ParallelDims, ep: Any,
-                     state: dict[str, Any], row: dict[str, Any], batch: int, checkpoint_cls: Any,
+                     state: dict[str, Any], row: dict[str, Any], batch: int, export: bool, checkpoint_cls: Any,
                      report: Any) -> None:
-    """Assemble the layout-independent state (collective), write it on rank 0, register it with Ray Train."""
-    model_state = gather_master_weights(engine, module, dims, ep) or full_model_state_dict(module, ep)
-    opt_state, opt_step = gather_optimizer_state(engine, module, dims, ep)
-    rng = [torch.get_rng_state()]
-    if dims.world_size > 1:
-        rng = [torch.empty(0, dtype=torch.uint8)] * dims.world_size
-        dist.all_gather_object(rng, torch.get_rng_state())
+    """Every rank writes what it owns into its own directory and reports it; Ray Train merges the ranks'
+    files into one checkpoint and registers it once all have uploaded (a half-written one is never seen).
+    Rank 0 adds the trainer state and, when ``export``, the model checkpoint streamed one tensor at a time."""
     metrics = {k: v for k, v in row.items() if isinstance(v, (int, float, str))}
-    if dims.rank != 0:
-        report(metrics, checkpoint=None)
-        return
-    trainer_state = {**state, "epoch": row["epoch"], "world_size": dims.world_size, "global_batch_sequences": batch,
-                     "seed": cfg.seed, "data_position": int(state["consumed_samples"]), "optimizer_step": opt_step,
-                     "saved_at": time.time(), "metrics": metrics}
-    tmp = Path(tempfile.mkdtemp(prefix="aquila-ray-ckpt-"))
+    tmp = Path(tempfile.mkdtemp(prefix=f"aquila-ray-ckpt-rank{dims.rank}-"))
     try:
-        path = write_training_checkpoint(
-            tmp / "checkpoint", model_state, module.config, opt_state, opt_step, trainer_state,  # type: ignore[arg-type]
-            {f"torch_cpu.rank{r}": t for r, t in enumerate(rng)}, to_dict(cfg), cfg.checkpoint.max_shard_bytes)
-        report(metrics, checkpoint=checkpoint_cls.from_directory(str(path)))
+        save_sharded_state(tmp, owned_state(engine, module))
+        save_file({"torch_cpu": torch.get_rng_state()}, str(tmp / rng_name(dims.rank)))
+        if export:
+            writer = (CheckpointWriter(tmp, module.config, cfg.checkpoint.max_shard_bytes)  # type: ignore[arg-type]
+                      if dims.rank == 0 else None)
+            for name, tensor in iter_model_tensors(engine, module, ep):  # type: ignore[arg-type]
+                if writer is not None:
+                    writer.add(name, tensor)
+            if writer is not None:
+                writer.close()
+        if dims.rank == 0:
+            write_json(tmp / TRAINER_STATE_NAME, {
+                **state, "epoch": row["epoch"], "world_size": dims.world_size, "global_batch_sequences": batch,
+                "seed": cfg.seed, "data_position": int(state["consumed_samples"]),
+                "optimizer_step": optimizer_step(engine), "model_config": to_dict(module.config),
+                "expert_parallel": dims.ep, "zero_stage": effective_zero_stage(cfg, dims.world_size),
+                "saved_at": time.time(), "metrics": metrics})
+            write_json(tmp / TRAIN_CONFIG_NAME, to_dict(cfg))
+        report(metrics, checkpoint=checkpoint_cls.from_directory(str(tmp)))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
