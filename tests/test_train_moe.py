@@ -7,13 +7,15 @@ builds each rank's experts from a dense checkpoint and starts at the dense model
 
 from __future__ import annotations
 
-import json
+import random
+import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 import torch
+from train_helpers import OutsideKill, check_resharded_load
 
 from aquila_ray.checkpoint import load_state_dict, save_model
 from aquila_ray.config.train import TrainConfig, build_train_config
@@ -104,17 +106,42 @@ def test_online_upcycling_starts_at_the_dense_loss(ray_cluster: Any, data_dir: P
     assert np.isfinite(first["aux_loss"])
 
 
-@pytest.mark.slow
-def test_moe_killed_worker_resumes_bit_identical(ep2: TrainResult, data_dir: Path, storage: Path) -> None:
-    cfg = make_cfg(data_dir, "scaling.expert_parallel=2", "fault_injection=1@3", "scaling.max_failures=1")
-    result = run_training(cfg, storage, "moe-killed")
-    killed_at = json.loads((Path(result.run_dir) / "fault_injection-rank1-step3.json").read_text())["time"]
-    assert [r["step"] for r in read_metrics(result.metrics_path) if r["time"] < killed_at] == [1, 2]
-    for read in (lambda r: load_state_dict(r.checkpoint_path)[0], lambda r: dict(iter_saved_tensors(r.checkpoint_path))):
+def test_moe_worker_killed_from_outside_resumes_bit_identical(ep2: TrainResult, data_dir: Path,
+                                                              storage: Path) -> None:
+    seed = int(time.time())
+    after_step = random.Random(seed).randint(1, 2)
+    print(f"outside kill after step {after_step} (seed {seed})")
+    kill = OutsideKill(storage / "moe-killed" / "metrics.jsonl", after_step, seed)
+    result = run_training(make_cfg(data_dir, "scaling.expert_parallel=2", "scaling.max_failures=1"), storage,
+                          "moe-killed")
+    assert kill.killed_at is not None, "no worker was killed"
+    rows = read_metrics(result.metrics_path)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert rows[-1]["time"] > kill.killed_at
+
+    def model_export(r: TrainResult) -> dict[str, torch.Tensor]:
+        return load_state_dict(r.checkpoint_path or "")[0]
+
+    def training_state(r: TrainResult) -> dict[str, torch.Tensor]:
+        return dict(iter_saved_tensors(r.checkpoint_path or ""))
+
+    for read in (model_export, training_state):
         a, b = read(result), read(ep2)
         assert a.keys() == b.keys()
         different = [k for k in a if not torch.equal(a[k], b[k])]
         assert not different, different[:5]
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_ep2_checkpoint_loads_exactly_at_ep1(ep2: TrainResult, workers: int, data_dir: Path, storage: Path,
+                                             tmp_path: Path) -> None:
+    """Experts saved by the ranks that held them (EP=2) land, slice for slice, in an EP=1 layout: one
+    worker holding all, or two workers holding all experts with ZeRO splitting their state."""
+    saved = dict(iter_saved_tensors(ep2.checkpoint_path or ""))
+    cfg = make_cfg(data_dir, "scaling.expert_parallel=1", f"scaling.num_workers={workers}")
+    records = check_resharded_load(cfg, ep2.checkpoint_path or "", workers, tmp_path, storage, f"moe-reshard-{workers}")
+    assert all(r["mismatched"] == [] and r["weights_mismatched"] == [] for r in records), records
+    assert sum(r["elements"] for r in records) == sum(t.numel() for t in saved.values())
 
 
 @pytest.mark.slow

@@ -1,24 +1,28 @@
 """Dense trainer on a local Ray cluster with 2 CPU workers (gloo): metrics, exact resume, resize.
 
-One reference run; the others are compared with it: a worker SIGKILLed mid-run (Ray Train restarts the
-group from the last registered checkpoint), the whole job dying and being rerun with the same name, and
-a rerun at 1 worker after 2. Runs are tiny (6 steps of 16 x 32 tokens) to fit a 2-core CI box.
+One reference run; the others are compared with it: a worker SIGKILLed from outside at a random step (Ray
+Train restarts the group from the last registered checkpoint), the whole job dying and being rerun with
+the same name, reruns at 1 worker after 2 and at 2 after 1, and the sharded checkpoint's state read back
+from DeepSpeed's buffers after a resharded load. Runs are tiny (6 steps of 16 x 32 tokens) to fit a 2-core CI box.
 """
 
 from __future__ import annotations
 
 import json
+import random
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+from train_helpers import OutsideKill, check_resharded_load
 
 from aquila_ray.checkpoint import load_state_dict
 from aquila_ray.config.train import TrainConfig, build_train_config
 from aquila_ray.data.synthetic import write_synthetic_shards
 from aquila_ray.train import TrainResult, run_training
-from aquila_ray.train.checkpointing import iter_saved_tensors
+from aquila_ray.train.checkpointing import STATE_DIR, iter_saved_tensors, saved_chunks
 from aquila_ray.train.metrics import read_metrics, read_wandb_history, wandb_run_files
 
 pytestmark = pytest.mark.ray
@@ -97,11 +101,32 @@ def test_dense_run_trains_and_logs(reference: TrainResult) -> None:
     assert model(torch.zeros(1, 8, dtype=torch.long)).logits.shape == (1, 8, 512)
 
 
-def test_killed_worker_resumes_bit_identical(reference: TrainResult, data_dir: Path, storage: Path) -> None:
-    result = run_training(make_cfg(data_dir, "fault_injection=1@5"), storage, "killed-worker")
-    assert_resumed_at(result, kill_step=5, resumed_step=4)
+def test_checkpoint_holds_one_state_file_per_rank(reference: TrainResult) -> None:
+    ckpt = Path(reference.checkpoint_path or "")
+    files = sorted((ckpt / STATE_DIR).glob("*.safetensors"))
+    assert [f.name for f in files] == [f"shard-0000{r}-model-00001-of-00001.safetensors" for r in (1, 2)]
+    sizes = [f.stat().st_size for f in files]
+    assert all(abs(size - sum(sizes) / 2) < 0.1 * sum(sizes) for size in sizes), sizes  # ~1/N each
+    chunks = saved_chunks(ckpt)
+    assert {k.split("/")[0] for k in chunks} == {"weight", "exp_avg", "exp_avg_sq"}
+    full = training_state(reference)
+    for f in files:  # no file holds the whole state: each holds a strict part of the elements
+        held = sum(n for parts in chunks.values() for _, n, path in parts if path == f)
+        assert 0 < held < sum(t.numel() for t in full.values())
+
+
+def test_worker_killed_from_outside_resumes_bit_identical(reference: TrainResult, data_dir: Path,
+                                                          storage: Path) -> None:
+    seed = int(time.time())
+    after_step = random.Random(seed).randint(1, 3)
+    print(f"outside kill after step {after_step} (seed {seed})")
+    name = "killed-outside"
+    kill = OutsideKill(storage / name / "metrics.jsonl", after_step, seed)
+    result = run_training(make_cfg(data_dir), storage, name)
+    assert kill.killed_at is not None, "no worker was killed"
     rows = read_metrics(result.metrics_path)
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
+    assert rows[-1]["time"] > kill.killed_at
     assert_identical(weights(result), weights(reference))
     assert_identical(training_state(result), training_state(reference))
 
@@ -117,25 +142,58 @@ def test_job_dies_and_rerun_with_same_name_resumes(reference: TrainResult, data_
     assert_identical(weights(result), weights(reference))
 
 
-def test_resume_at_fewer_workers_keeps_samples_and_optimizer(reference: TrainResult, data_dir: Path,
-                                                             storage: Path) -> None:
+@pytest.fixture(scope="module")
+def resized(reference: TrainResult, data_dir: Path, storage: Path) -> TrainResult:
+    """Killed at step 5 with 2 workers, rerun with 1: resumes from the 2-worker step-4 checkpoint."""
     with pytest.raises(Exception, match="(?i)fail|died|exit"):
         run_training(make_cfg(data_dir, "fault_injection=0@5", "scaling.max_failures=0"), storage, "resize")
-    result = run_training(make_cfg(data_dir, "scaling.num_workers=1"), storage, "resize")
-    assert_resumed_at(result, kill_step=5, resumed_step=4)
+    return run_training(make_cfg(data_dir, "scaling.num_workers=1"), storage, "resize")
+
+
+def assert_continues(result: TrainResult, reference: TrainResult, resumed: int, worlds: list[int]) -> None:
+    """The same samples in the same order as the reference run, and losses within fp32 reduction noise."""
     rows, ref_rows = read_metrics(result.metrics_path), read_metrics(reference.metrics_path)
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
-    assert [r["world_size"] for r in rows] == [2, 2, 2, 2, 1, 1]  # resumed from the step-4 checkpoint
-    assert [r["grad_accum"] for r in rows] == [2, 2, 2, 2, 4, 4]
+    assert [r["world_size"] for r in rows] == worlds
+    assert [r["grad_accum"] for r in rows] == [4 // w for w in worlds]
     assert [r["sample_hash"] for r in rows] == [r["sample_hash"] for r in ref_rows]
-    resumed = 4
     for r, ref in zip(rows[resumed:], ref_rows[resumed:], strict=True):
         assert r["loss"] == pytest.approx(ref["loss"], rel=1e-5)
-    # The optimizer state was restored: weights stay within fp32 reduction-order noise of the 2-worker run
+    # The optimizer state was restored: weights stay within fp32 reduction-order noise of the reference
     # (a fresh Adam state would move them by ~lr per element at the first resumed step).
     w, ref_w = weights(result), weights(reference)
     for k in ref_w:
         torch.testing.assert_close(w[k], ref_w[k], rtol=1e-4, atol=1e-5)
+
+
+def test_resume_at_fewer_workers_keeps_samples_and_optimizer(resized: TrainResult, reference: TrainResult) -> None:
+    assert_resumed_at(resized, kill_step=5, resumed_step=4)
+    assert_continues(resized, reference, resumed=4, worlds=[2, 2, 2, 2, 1, 1])
+
+
+def test_resume_at_more_workers_keeps_samples_and_optimizer(reference: TrainResult, data_dir: Path,
+                                                            storage: Path) -> None:
+    cfg = make_cfg(data_dir, "scaling.num_workers=1", "fault_injection=0@3", "scaling.max_failures=0")
+    with pytest.raises(Exception, match="(?i)fail|died|exit"):
+        run_training(cfg, storage, "grow")
+    result = run_training(make_cfg(data_dir), storage, "grow")
+    assert_resumed_at(result, kill_step=3, resumed_step=2)
+    assert_continues(result, reference, resumed=2, worlds=[1, 1, 2, 2, 2, 2])
+
+
+@pytest.mark.parametrize("source, workers", [("reference", 1), ("resized", 2)], ids=["2->1", "1->2"])
+def test_resharded_load_restores_every_moment_exactly(source: str, workers: int, request: pytest.FixtureRequest,
+                                                      data_dir: Path, storage: Path, tmp_path: Path) -> None:
+    """Read back from DeepSpeed's buffers: every slice a rank now owns equals the saved tensors, every
+    element is loaded by exactly one rank, and the module's weights equal the saved masters."""
+    result: TrainResult = request.getfixturevalue(source)
+    saved = training_state(result)
+    records = check_resharded_load(make_cfg(data_dir, f"scaling.num_workers={workers}"), result.checkpoint_path or "",
+                                   workers, tmp_path, storage, f"reshard-{source}-{workers}")
+    assert all(r["mismatched"] == [] and r["weights_mismatched"] == [] for r in records), records
+    assert sum(r["elements"] for r in records) == sum(t.numel() for t in saved.values())
+    step = json.loads((Path(result.checkpoint_path or "") / "trainer_state.json").read_text())["optimizer_step"]
+    assert all(r["optimizer_steps"] == [float(step)] for r in records)
 
 
 @pytest.mark.slow

@@ -96,6 +96,16 @@ class Fragment(torch.Tensor):
     def __torch_dispatch__(cls, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:  # type: ignore[override]
         raise RuntimeError(f"a checkpoint Fragment supports no tensor operations (called {func})")
 
+    @property
+    def local_tensor(self) -> torch.Tensor:
+        """The slice this rank holds (a view into its buffers)."""
+        return self._local
+
+    @property
+    def start(self) -> int:
+        """Where the slice starts in the flattened tensor."""
+        return self._offset
+
     def __repr__(self) -> str:  # type: ignore[override]
         return f"Fragment(offset={self._offset}, numel={self._local.numel()} of {self.numel()})"
 
