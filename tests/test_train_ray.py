@@ -115,6 +115,21 @@ def test_checkpoint_holds_one_state_file_per_rank(reference: TrainResult) -> Non
         assert 0 < held < sum(t.numel() for t in full.values())
 
 
+def test_model_export_equals_the_training_weights(reference: TrainResult, tmp_path: Path,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    exported, state = weights(reference), training_state(reference)
+    assert exported.keys() == {k.split("/", 1)[1] for k in state if k.startswith("weight/")}
+    assert all(torch.equal(t.reshape(-1), state[f"weight/{k}"]) for k, t in exported.items())
+    # the same export, consolidated afterwards from the sharded state alone
+    from jobs.export_checkpoint import main as export_main
+
+    export_main([reference.checkpoint_path or "", "--output", str(tmp_path / "model"), "--dry-run"])
+    plan = capsys.readouterr().out
+    assert f'"tensors": {len(exported)}' in plan and '"saved_by_ranks": 2' in plan
+    export_main([reference.checkpoint_path or "", "--output", str(tmp_path / "model")])
+    assert_identical(load_state_dict(tmp_path / "model")[0], exported)
+
+
 def test_worker_killed_from_outside_resumes_bit_identical(reference: TrainResult, data_dir: Path,
                                                           storage: Path) -> None:
     seed = int(time.time())
