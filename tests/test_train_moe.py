@@ -56,7 +56,10 @@ def ep1(ray_cluster: Any, data_dir: Path, storage: Path) -> TrainResult:
 
 @pytest.fixture(scope="module")
 def ep2(ray_cluster: Any, data_dir: Path, storage: Path) -> TrainResult:
-    return run_training(make_cfg(data_dir, "scaling.expert_parallel=2"), storage, "moe-ep2")
+    # selective recompute: the MoE half (router, all-to-all, experts) runs again in backward; the numbers
+    # must not change (test_expert_parallel_2_matches_1 compares with EP 1 without recompute)
+    return run_training(make_cfg(data_dir, "scaling.expert_parallel=2", "activation_checkpointing=selective"),
+                        storage, "moe-ep2")
 
 
 def test_moe_trains_and_logs_router_metrics(ep2: TrainResult) -> None:
@@ -112,8 +115,8 @@ def test_moe_worker_killed_from_outside_resumes_bit_identical(ep2: TrainResult, 
     after_step = random.Random(seed).randint(1, 2)
     print(f"outside kill after step {after_step} (seed {seed})")
     kill = OutsideKill(storage / "moe-killed" / "metrics.jsonl", after_step, seed)
-    result = run_training(make_cfg(data_dir, "scaling.expert_parallel=2", "scaling.max_failures=1"), storage,
-                          "moe-killed")
+    result = run_training(make_cfg(data_dir, "scaling.expert_parallel=2", "activation_checkpointing=selective",
+                                   "scaling.max_failures=1"), storage, "moe-killed")
     assert kill.killed_at is not None, "no worker was killed"
     rows = read_metrics(result.metrics_path)
     assert [r["step"] for r in rows] == [1, 2, 3, 4]

@@ -85,6 +85,10 @@ def test_batch_math_and_plan(data_dir: Path) -> None:
     p = plan(cfg, validate(cfg))
     assert p["grad_accum_per_worker_count"] == {1: 4, 2: 2}
     assert p["tokens"] == cfg.steps * 128
+    # the plan's activation memory follows the setting the workers will run with
+    full = plan(cfg_for(data_dir, "scaling.num_workers=2", "activation_checkpointing=full"), validate(cfg))
+    assert p["activation_checkpointing"] == "none" and full["activation_checkpointing"] == "full"
+    assert 0 < full["activation_mib_per_worker"] < p["activation_mib_per_worker"]
 
 
 def test_batch_not_divisible_by_workers_fails(data_dir: Path) -> None:
@@ -147,6 +151,11 @@ def test_config_fields_are_checked() -> None:
         build_train_config({}, ["scaling.zero_stage=3"])
     with pytest.raises(ConfigError, match="min_workers=3 exceeds num_workers=2"):
         build_train_config({}, ["scaling.num_workers=2", "scaling.min_workers=3"])
+    with pytest.raises(ConfigError, match=r"activation_checkpointing='some' is not valid; choose one of "
+                                          r"\['none', 'full', 'selective'\]"):
+        build_train_config({}, ["activation_checkpointing=some"])
+    with pytest.raises(ConfigError, match="zero_stage=0 with use_gpu=true is not valid"):
+        build_train_config({}, ["scaling.use_gpu=true", "scaling.zero_stage=0"])
     with pytest.raises(ConfigError, match="unknown field"):
         build_train_config({"stepz": 3})
 

@@ -30,6 +30,8 @@ from aquila_ray.config.model import ModelConfig
 from aquila_ray.config.presets import get_preset
 from aquila_ray.errors import ConfigError
 
+ACTIVATION_CHECKPOINTING = ("none", "full", "selective")
+
 
 def _check_positive_int(owner: str, **values: Any) -> None:
     for name, v in values.items():
@@ -215,6 +217,11 @@ class TrainConfig:
     """Workers and parallelism."""
     wandb: WandbConfig = field(default_factory=WandbConfig)
     """W&B logging."""
+    activation_checkpointing: Literal["none", "full", "selective"] = "none"
+    """Recompute activations in backward instead of keeping them: "full" keeps one hidden-size tensor per
+    layer (the 16B stages at 4k context need it on 80 GB GPUs); "selective" recomputes each block's MLP half
+    (its activations are ~4F of the block's ~6D + 4F + attention per token). Same numbers; the --dry-run
+    memory plan uses this setting."""
     eval_every: int = 0
     """Validation loss on the held-out split every N steps (0: only after the last step; -1: never)."""
     eval_max_sequences: int | None = 64
@@ -241,6 +248,9 @@ class TrainConfig:
                               f"permutation of all sequences per epoch)")
         if not isinstance(self.data_start, int) or self.data_start < 0:
             raise ConfigError(f"TrainConfig.data_start={self.data_start!r} must be an integer >= 0")
+        if self.activation_checkpointing not in ACTIVATION_CHECKPOINTING:
+            raise ConfigError(f"TrainConfig.activation_checkpointing={self.activation_checkpointing!r} is not valid; "
+                              f"choose one of {list(ACTIVATION_CHECKPOINTING)}")
         _check_positive_int("TrainConfig", steps=self.steps, global_batch_tokens=self.global_batch_tokens,
                             micro_batch_size=self.micro_batch_size, log_every=self.log_every)
         if self.init != "scratch" and not self.init_from:
@@ -342,5 +352,5 @@ def stage_train_config(stage: Any, model: ModelConfig, data_dir: str, *, init: s
         scaling=ScalingOptions(num_workers=stage.num_workers, use_gpu=stage.use_gpu, zero_stage=stage.zero_stage,
                                expert_parallel=stage.expert_parallel),
         wandb=WandbConfig(project=wandb_project, group=wandb_group),
-        eval_every=stage.eval_every,
+        eval_every=stage.eval_every, activation_checkpointing=stage.activation_checkpointing,
     )

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from aquila_ray.config import ModelConfig
 
@@ -119,13 +120,16 @@ class Block(nn.Module):
         self.mlp = build_mlp(cfg, layer_idx)
         self.is_moe = cfg.moe is not None
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, recompute_mlp: bool = False
                 ) -> tuple[torch.Tensor, RouterStats | None]:
         x = x + self.attn(self.attn_norm(x), cos, sin)
+        h, stats = checkpoint(self._mlp, x, use_reentrant=False) if recompute_mlp else self._mlp(x)
+        return x + h, stats
+
+    def _mlp(self, x: torch.Tensor) -> tuple[torch.Tensor, RouterStats | None]:
         if self.is_moe:
-            h, stats = self.mlp(self.mlp_norm(x))
-            return x + h, stats
-        return x + self.mlp(self.mlp_norm(x)), None
+            return self.mlp(self.mlp_norm(x))  # type: ignore[no-any-return]
+        return self.mlp(self.mlp_norm(x)), None
 
 
 @dataclass
@@ -162,9 +166,19 @@ class Aquila3(nn.Module):
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-        if cfg.tie_embeddings:
-            self.lm_head.weight = self.embed.weight
+        self.tie_weights()
+        self.activation_checkpointing: str = "none"
+        """What a training forward recomputes in backward instead of keeping (a training setting, not part of
+        the checkpoint): "none"; "full" keeps only each block's input and recomputes the block; "selective"
+        recomputes each block's MLP half (norm + SwiGLU or MoE, the widest activations) and keeps attention's.
+        Same numbers either way (``torch.utils.checkpoint``, non-reentrant)."""
         self._rope_cache: dict[tuple[Any, ...], tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def tie_weights(self) -> None:
+        """Share the embedding with the output projection when the config says so (again after
+        ``to_empty``, which gives every parameter its own storage)."""
+        if self.config.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
 
     def init_weights(self, seed: int | None = None) -> Aquila3:
         """Normal(0, init_std) for weights, zeros for biases, ones for norms; seeded if asked."""
@@ -196,8 +210,12 @@ class Aquila3(nn.Module):
         x = self.embed(input_ids)  # (B, T, D)
         cos, sin = self.rope(input_ids.shape[1], x.device, x.dtype)
         stats: list[RouterStats] = []
+        mode = self.activation_checkpointing if self.training and torch.is_grad_enabled() else "none"
         for layer in self.layers:
-            x, s = layer(x, cos, sin)
+            if mode == "full":
+                x, s = checkpoint(layer, x, cos, sin, use_reentrant=False)
+            else:
+                x, s = layer(x, cos, sin, recompute_mlp=mode == "selective")
             if s is not None:
                 stats.append(s)
         logits = self.lm_head(self.norm(x))  # (B, T, V)

@@ -100,7 +100,8 @@ def plan_recipe(cfg: RecipeConfig, seq_len: int | None = None, vocab_size: int |
             raise ConfigError(f"RecipeConfig.{TRAIN_STAGES[name]}.global_batch_tokens={st.global_batch_tokens} is "
                               f"not a multiple of seq_len={s}")
         p = stage_plan(model, st.tokens(), st.num_workers, st.zero_stage,
-                       st.expert_parallel if model.moe is not None else 1, st.micro_batch_size, s)
+                       st.expert_parallel if model.moe is not None else 1, st.micro_batch_size, s,
+                       st.activation_checkpointing)
         p.update(steps=st.steps, lr=st.lr, global_batch_tokens=st.global_batch_tokens,
                  init={"train_small": "scratch", "train_large": "checkpoint: scale_up",
                        "train_moe": "upcycle (online)" if cfg.upcycle == "online" else "checkpoint: scale_out"}[name])

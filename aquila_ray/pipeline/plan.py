@@ -1,11 +1,13 @@
 """Back-of-the-envelope plans for a training stage: parameters, FLOPs, tokens and memory per GPU.
 
 Memory follows the ZeRO paper's accounting for mixed-precision Adam (Rajbhandari et al., 2020): 2 bytes
-of bf16 weights, 2 of bf16 gradients and 12 of fp32 master weights + Adam moments per parameter, the
-last 12 partitioned over the data-parallel group by ZeRO-1, gradients too by ZeRO-2, everything by ZeRO-3.
+of bf16 weights, 2 of bf16 gradients (+ 4 for the fp32 buffer the trainer accumulates them in) and 12 of
+fp32 master weights + Adam moments per parameter, the last 12 partitioned over the data-parallel group by
+ZeRO-1, gradients too by ZeRO-2, everything by ZeRO-3.
 Expert parameters are split over the expert-parallel group and partitioned over the expert-data-parallel
-group (world / EP). Activations use Megatron's per-layer estimate (Korthikanti et al., 2022) with flash
-attention (34 * s * b * h bytes per layer) or full recomputation (2 * s * b * h).
+group (world / EP). Activations are counted from what autograd keeps for *this* model's forward
+(``activation_bytes``; the tensors each op saves, checked against ``torch.autograd.graph.saved_tensors_hooks``
+on CPU by tests/test_model.py) under the trainer's ``activation_checkpointing`` setting.
 """
 
 from __future__ import annotations
@@ -18,9 +20,49 @@ from aquila_ray.errors import ConfigError
 GiB = 1024**3
 
 
+def _per_token_layer_bytes(cfg: ModelConfig, a: int) -> dict[str, float]:
+    """Bytes autograd keeps per token in one block, by part, with ``a`` bytes per activation element (2 for
+    bf16, 4 for fp32). RMSNorm works in fp32: its input's fp32 copy (4h; the input itself when fp32), the
+    1/rms (4), the normalized tensor and the norm's output (a*h each). Attention (SDPA, flash or CPU):
+    rotated q, k and v, the output, the fp32 log-sum-exp per head. SwiGLU: gate, silu(gate), up and their
+    product (4 a f). MoE: fp32 router logits and probabilities (8E), routing indices, weights and the sort
+    order (32k), the sorted input and two h-wide outputs per assignment (3 a h k), the experts' SwiGLU
+    (4 a f_e k), and the router's fp32 copy of its input under bf16 (4h)."""
+    h, hd = cfg.hidden_size, cfg.head_dim
+    norm = 4 * h + 4 + 2 * a * h
+    attention = a * (2 * cfg.num_heads * hd + 2 * cfg.num_kv_heads * hd) + 4 * cfg.num_heads
+    if cfg.moe is None:
+        mlp = 4 * a * cfg.intermediate_size
+    else:
+        k, e = cfg.moe.top_k, cfg.moe.num_experts
+        mlp = a * k * (3 * h + 4 * cfg.expert_intermediate_size) + 8 * e + 32 * k + 4 + (4 * h if a != 4 else 0)
+    return {"attention_half": norm + attention, "mlp_half": norm + mlp}
+
+
+def activation_bytes(cfg: ModelConfig, tokens: int, mode: str = "none", bytes_per_element: int = 2
+                     ) -> dict[str, float]:
+    """Activation memory of one micro-batch of ``tokens`` (= micro_batch * seq_len) under the trainer's
+    ``activation_checkpointing`` ``mode``: ``stored`` is what the forward keeps until backward, ``recompute``
+    what one block's recomputation adds at its peak in backward. none: every block's activations; full:
+    each block's input (a h); selective: the attention half plus the MLP half's input (a h), recomputing
+    the MLP half. The head (final norm, fp32 log-softmax over the vocabulary, ids and labels) is kept always."""
+    if mode not in ("none", "full", "selective"):
+        raise ConfigError(f"activation_checkpointing={mode!r} is not valid; choose none, full or selective")
+    a = bytes_per_element
+    part = _per_token_layer_bytes(cfg, a)
+    block = part["attention_half"] + part["mlp_half"]
+    hidden = a * cfg.hidden_size
+    per_layer, recompute = {"none": (block, 0.0), "full": (hidden, block),
+                            "selective": (part["attention_half"] + hidden, part["mlp_half"])}[mode]
+    head = 4 * cfg.hidden_size + 4 + 2 * a * cfg.hidden_size + 4 * cfg.vocab_size + 16
+    return {"stored": tokens * (cfg.num_layers * per_layer + head), "recompute": tokens * recompute}
+
+
 def memory_per_gpu(cfg: ModelConfig, world_size: int, zero_stage: int = 1, expert_parallel: int = 1,
-                   micro_batch: int = 1, seq_len: int | None = None, recompute: bool = True) -> dict[str, float]:
-    """Bytes per GPU (reported in GiB) for weights, gradients, optimizer states and activations."""
+                   micro_batch: int = 1, seq_len: int | None = None, activation_checkpointing: str = "none",
+                   bytes_per_element: int = 2) -> dict[str, float]:
+    """Bytes per GPU (reported in GiB) for weights, gradients, optimizer states and activations (with the
+    activation checkpointing the trainer runs)."""
     if zero_stage not in (0, 1, 2, 3):
         raise ConfigError(f"zero_stage={zero_stage} is not valid; choose 0, 1, 2 or 3")
     if world_size % expert_parallel:
@@ -35,18 +77,20 @@ def memory_per_gpu(cfg: ModelConfig, world_size: int, zero_stage: int = 1, exper
     weights = grads = states = 0.0
     for n, dp in groups:
         weights += 2 * n / (dp if zero_stage >= 3 else 1)
-        grads += 2 * n / (dp if zero_stage >= 2 else 1)
+        # bf16 gradients plus the fp32 buffer they are accumulated in over micro-steps (grad_accum_dtype)
+        grads += (2 + 4) * n / (dp if zero_stage >= 2 else 1)
         states += 12 * n / (dp if zero_stage >= 1 else 1)
     s = seq_len or cfg.max_seq_len
-    per_layer = (2 if recompute else 34) * s * micro_batch * cfg.hidden_size
-    activations = cfg.num_layers * per_layer + 4 * s * micro_batch * cfg.vocab_size  # + fp32 logits
-    out = {"weights": weights, "gradients": grads, "optimizer_states": states, "activations": activations}
+    act = activation_bytes(cfg, micro_batch * s, activation_checkpointing, bytes_per_element)
+    out = {"weights": weights, "gradients": grads, "optimizer_states": states,
+           "activations": act["stored"] + act["recompute"]}
     out["total"] = sum(out.values())
     return {k: v / GiB for k, v in out.items()}
 
 
 def stage_plan(cfg: ModelConfig, tokens: float, world_size: int, zero_stage: int = 1, expert_parallel: int = 1,
-               micro_batch: int = 1, seq_len: int | None = None) -> dict[str, Any]:
+               micro_batch: int = 1, seq_len: int | None = None, activation_checkpointing: str = "none"
+               ) -> dict[str, Any]:
     """What a stage costs: parameters, FLOPs per token and in total, memory per GPU."""
     s = seq_len or cfg.max_seq_len
     fpt = cfg.flops_per_token(s)
@@ -60,6 +104,7 @@ def stage_plan(cfg: ModelConfig, tokens: float, world_size: int, zero_stage: int
         "world_size": world_size,
         "zero_stage": zero_stage,
         "expert_parallel": expert_parallel,
+        "activation_checkpointing": activation_checkpointing,
         "memory_per_gpu_gib": {k: round(v, 2) for k, v in memory_per_gpu(
-            cfg, world_size, zero_stage, expert_parallel, micro_batch, s).items()},
+            cfg, world_size, zero_stage, expert_parallel, micro_batch, s, activation_checkpointing).items()},
     }

@@ -53,9 +53,17 @@ def create_parallel_groups(dims: ParallelDims, model_cfg: ModelConfig) -> Any:
 
 def build_worker_model(cfg: TrainConfig, model_cfg: ModelConfig, ep_groups: Any, device: torch.device,
                        resuming: bool = False) -> Aquila3:
-    """Step 2: this rank's model with its starting weights. ``resuming``: built on the meta device and only
-    allocated (no init, no checkpoint read; the sharded checkpoint fills it after the engine is built);
-    otherwise ``cfg.init`` decides (seeded init, an init checkpoint, online upcycling)."""
+    """Step 2: this rank's model with its starting weights and ``cfg.activation_checkpointing``.
+    ``resuming``: built on the meta device and only allocated (no init, no checkpoint read; the sharded
+    checkpoint fills it after the engine is built); otherwise ``cfg.init`` decides (seeded init, an init
+    checkpoint, online upcycling)."""
+    model = _initial_model(cfg, model_cfg, ep_groups, device, resuming)
+    model.activation_checkpointing = cfg.activation_checkpointing
+    return model
+
+
+def _initial_model(cfg: TrainConfig, model_cfg: ModelConfig, ep_groups: Any, device: torch.device,
+                   resuming: bool) -> Aquila3:
     if resuming:
         with torch.device("meta"):
             model = Aquila3(model_cfg)
@@ -63,7 +71,9 @@ def build_worker_model(cfg: TrainConfig, model_cfg: ModelConfig, ep_groups: Any,
             from aquila_ray.train.moe_support import shard_experts
 
             shard_experts(model, ep_groups.ep)
-        return model.to_empty(device=device)
+        model = model.to_empty(device=device)
+        model.tie_weights()
+        return model
     state_dict = None
     if cfg.init == "checkpoint":  # the driver verified the shard digests (trainer.validate)
         state_dict, _ = load_state_dict(cfg.init_from, verify=False)  # type: ignore[arg-type]

@@ -22,6 +22,7 @@ from aquila_ray.config.model import ModelConfig
 from aquila_ray.config.train import TrainConfig
 from aquila_ray.data.shards import Manifest, read_manifest
 from aquila_ray.errors import ConfigError, DataError
+from aquila_ray.pipeline.plan import activation_bytes
 from aquila_ray.train.metrics import METRICS_NAME, read_metrics
 
 RUN_CONFIG_NAME = "train_config.yaml"
@@ -112,6 +113,11 @@ def plan(cfg: TrainConfig, manifest: Manifest | None = None) -> dict[str, Any]:
         "train_sequences": manifest.splits["train"].num_sequences if manifest is not None else None,
         "epochs": (cfg.steps * batch / manifest.splits["train"].num_sequences) if manifest is not None else None,
         "workers": counts, "zero_stage": cfg.scaling.zero_stage, "expert_parallel": cfg.scaling.expert_parallel,
+        "activation_checkpointing": cfg.activation_checkpointing,
+        # what each worker's forward keeps for backward, per micro-batch (bf16 on GPU, fp32 on CPU)
+        "activation_mib_per_worker": round(sum(activation_bytes(
+            cfg.model, cfg.micro_batch_size * seq_len, cfg.activation_checkpointing,
+            2 if cfg.scaling.use_gpu else 4).values()) / 1024**2, 2),
     }
 
 
