@@ -22,7 +22,7 @@ import torch.multiprocessing as mp
 from aquila_ray.config import get_preset
 from aquila_ray.errors import ConfigError
 from aquila_ray.model import build_model
-from aquila_ray.moe.parallel import (
+from aquila_ray.train.parallelize import (
     create_expert_parallel_groups,
     expert_parallel_layout,
     gather_expert_state_dict,
@@ -60,7 +60,7 @@ def _worker(rank: int, port: int, result_dir: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=2)
     try:
-        from aquila_ray.moe.parallel import allreduce_gradients
+        from aquila_ray.train.parallelize import allreduce_gradients
 
         groups = create_expert_parallel_groups(2)
         results = []
@@ -127,7 +127,7 @@ def test_layout_and_param_groups() -> None:
 def test_deepspeed_marker_adds_no_state() -> None:
     from deepspeed.moe.layer import MoE
 
-    from aquila_ray.moe.parallel import register_with_deepspeed
+    from aquila_ray.train.parallelize import register_with_deepspeed
 
     model = build_model(get_preset("tiny-moe"), seed=0)
     keys = list(model.state_dict())

@@ -4,8 +4,8 @@ dispatcher with expert parallelism (all-to-all over the expert-parallel group).
 - ``MoELayer``: what ``aquila_ray.model`` builds for every MLP when ``ModelConfig.moe`` is set.
 - ``Router``, ``route``, ``load_balancing_loss``, ``router_z_loss``: routing and the losses.
 - ``ExpertParallel``, ``use_expert_parallel``, ``dispatch_combine``: placement and token exchange.
-- ``aquila_ray.moe.parallel`` (imported on demand): process groups, expert parameter marking and
-  DeepSpeed optimizer groups, expert-gradient reduction, gathering experts for checkpoints.
+- The distributed side (process groups, DeepSpeed registration and optimizer groups, expert-gradient
+  reduction, gathering expert tensors) lives with the trainer, in ``aquila_ray.train.parallelize``.
 
 Papers: Sparse Upcycling (arXiv 2212.05055), AquilaMoE (2408.06567), ST-MoE (2202.08906),
 NVIDIA 2412.09952 (online upcycling, EP8) and 2410.07524 (router order, granular upcycling).

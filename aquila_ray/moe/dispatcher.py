@@ -166,7 +166,7 @@ def _exchange_and_run(xs_AD: torch.Tensor, counts_E: torch.Tensor, run_experts: 
                       ep: ExpertParallel) -> torch.Tensor:
     if ep.group is None:
         raise ConfigError(f"expert-parallel size {ep.size} needs a torch.distributed process group for the "
-                          f"forward pass; create it with aquila_ray.moe.parallel.create_expert_parallel_groups")
+                          f"forward pass; create it with aquila_ray.train.parallelize.create_expert_parallel_groups")
     E = counts_E.numel()
     E_l = E // ep.size
     # recv_counts[r * E_l + j]: rows rank r sends to my local expert j

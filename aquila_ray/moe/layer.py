@@ -6,7 +6,7 @@
 per-expert keys (``router.weight`` (E, D), ``experts.{e}.gate_proj.weight`` (F_e, D), ``...up_proj``,
 ``...down_proj`` (D, F_e)) whether a rank holds all experts or only its expert-parallel share.
 
-Expert parallelism (see ``aquila_ray.moe.parallel`` for groups and DeepSpeed): a layer holds experts
+Expert parallelism (see ``aquila_ray.train.parallelize`` for groups and DeepSpeed): a layer holds experts
 ``ep.local_experts(E)``; ``ep`` comes from the constructor argument, else from the
 ``use_expert_parallel`` context active at construction, else size 1. ``set_expert_parallel`` shards a
 layer built with every expert (drops the others). The router is replicated on every rank.

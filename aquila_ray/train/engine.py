@@ -30,6 +30,13 @@ from aquila_ray.config.model import ModelConfig
 from aquila_ray.config.train import TrainConfig
 from aquila_ray.model import Aquila3, build_model
 from aquila_ray.train.checkpointing import ADAM_KEYS, WEIGHT, Fragment, state_key
+from aquila_ray.train.parallelize import (
+    build_moe_model,
+    create_expert_parallel_groups,
+    gather_expert_tensor,
+    moe_param_groups,
+    shard_experts,
+)
 
 
 @dataclass
@@ -42,13 +49,12 @@ class ParallelDims:
 
 
 def create_parallel_groups(dims: ParallelDims, model_cfg: ModelConfig) -> Any:
-    """Step 1: the expert-parallel groups (``aquila_ray.moe.parallel.ExpertParallelGroups``) for MoE models;
+    """Step 1: the expert-parallel groups (``aquila_ray.train.parallelize.ExpertParallelGroups``) for MoE models;
     None for dense ones. Collective: every rank creates every group in the same order."""
     if model_cfg.moe is None:
         return None
-    from aquila_ray.train.moe_support import create_groups
 
-    return create_groups(dims.ep)
+    return create_expert_parallel_groups(dims.ep)
 
 
 def build_worker_model(cfg: TrainConfig, model_cfg: ModelConfig, ep_groups: Any, device: torch.device,
@@ -68,7 +74,6 @@ def _initial_model(cfg: TrainConfig, model_cfg: ModelConfig, ep_groups: Any, dev
         with torch.device("meta"):
             model = Aquila3(model_cfg)
         if ep_groups is not None:
-            from aquila_ray.train.moe_support import shard_experts
 
             shard_experts(model, ep_groups.ep)
         model = model.to_empty(device=device)
@@ -78,7 +83,6 @@ def _initial_model(cfg: TrainConfig, model_cfg: ModelConfig, ep_groups: Any, dev
     if cfg.init == "checkpoint":  # the driver verified the shard digests (trainer.validate)
         state_dict, _ = load_state_dict(cfg.init_from, verify=False)  # type: ignore[arg-type]
     if model_cfg.moe is not None:
-        from aquila_ray.train.moe_support import build_moe_model
 
         return build_moe_model(cfg, model_cfg, ep_groups, state_dict).to(device)
     model = build_model(model_cfg, seed=cfg.seed if state_dict is None else None)
@@ -106,7 +110,6 @@ def param_groups(model: nn.Module, weight_decay: float, ep_groups: Any = None) -
     ]
     groups = [g for g in groups if g["params"]]
     if ep_groups is not None:
-        from aquila_ray.train.moe_support import moe_param_groups
 
         groups = moe_param_groups(model, groups, ep_groups)
     return groups
@@ -266,7 +269,6 @@ def iter_model_tensors(engine: Any, model: Aquila3, ep_groups: Any = None) -> It
         full = _full_master(opt, p) if masters and p is not None else t.detach()
         parts: Iterator[tuple[str, torch.Tensor]] = iter([(name, full)])
         if ep_groups is not None:  # gathered on the device, then moved to the CPU one tensor at a time
-            from aquila_ray.train.moe_support import gather_expert_tensor
 
             parts = gather_expert_tensor(name, full, ep_groups, model.config.moe.num_experts)  # type: ignore[union-attr]
         for key, part in parts:

@@ -1,6 +1,8 @@
-"""Expert parallelism for the trainer: process groups, expert sharding, gradients, optimizer groups, and
-the DeepSpeed glue. The one place in ``aquila_ray/moe`` that touches DeepSpeed (imported lazily, only by
-the DeepSpeed helpers) and, with ``dispatcher.py``, ``torch.distributed``.
+"""The trainer's distributed MoE code, in one room: expert-parallel process groups, the rank's share of
+the experts (sharded from a seeded build, sliced from a full state dict, or upcycled online), DeepSpeed
+registration and optimizer groups, gradient reduction for plain torch loops, and gathering expert tensors
+for the model export. ``aquila_ray/moe`` keeps the single-device layer (its dispatcher's all-to-all is the
+layer's forward under expert parallelism); ``train/engine.py`` calls this module in its fixed order.
 
 Layout (DeepSpeed's legacy "E + D" order, Megatron's too): with world size W and expert-parallel size P,
 - expert-parallel (EP) groups are consecutive ranks ``[g*P, (g+1)*P)``: together they hold one copy of
@@ -29,7 +31,8 @@ Trainer recipe, on every rank after ``torch.distributed`` (or ``deepspeed.init_d
     param_groups = split_moe_param_groups([{"params": list(model.parameters()), "name": "all"}])
     register_with_deepspeed(model, groups)                  # DeepSpeed then reduces experts over EDP
     engine, *_ = deepspeed.initialize(model=model, model_parameters=param_groups, config=...)
-    # checkpoints stay layout-independent: sd = gather_expert_state_dict(model, groups)  (collective)
+    # a full state dict (every expert): sd = gather_expert_state_dict(model, groups)  (collective; small
+    # models only: the trainer's checkpoints are sharded, aquila_ray.train.checkpointing)
 """
 
 from __future__ import annotations
@@ -43,9 +46,14 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from aquila_ray.config.model import ModelConfig
+from aquila_ray.config.train import TrainConfig
 from aquila_ray.errors import ConfigError
+from aquila_ray.model import Aquila3, build_model
 from aquila_ray.moe.dispatcher import ExpertParallel
 from aquila_ray.moe.layer import MoELayer
+from aquila_ray.upcycle.online import build_upcycled_model
+from aquila_ray.upcycle.upcycle import UpcycleOptions
 
 _EXPERT_KEY = re.compile(r"(.*\.mlp\.experts\.)(\d+)(\..+)\Z")
 
@@ -165,28 +173,32 @@ def local_expert_state(model: nn.Module, full_state: Mapping[str, torch.Tensor])
     return {k: v for k, v in full_state.items() if k in mine}
 
 
-def gather_expert_state_dict(model: nn.Module, groups: ExpertParallelGroups) -> dict[str, torch.Tensor]:
-    """The full, layout-independent state dict (every expert) on every rank of the EP group (collective)."""
-    sd = {k: v.detach() for k, v in model.state_dict().items()}
+def gather_expert_tensor(name: str, tensor: torch.Tensor, groups: ExpertParallelGroups, num_experts: int
+                         ) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) for a non-expert tensor; for this rank's expert tensor, the same tensor of every expert
+    at its position in the other ranks of the EP group (all-gathered over it, renamed to global expert ids).
+    Collective over the EP group: its ranks walk their state dicts in the same (layer, local index, tensor)
+    order, so the i-th call on each rank meets the same local expert slot."""
+    m = _EXPERT_KEY.match(name)
     ep = groups.ep
-    if ep.size == 1:
-        return sd
-    out = {k: v for k, v in sd.items() if not is_expert_param_name(k)}
-    expert_keys = sorted(k for k in sd if is_expert_param_name(k))
-    for layer in moe_layers(model):
-        E_l = len(layer.local_expert_ids)
-        break
-    else:
-        return sd
-    for key in expert_keys:
-        m = _EXPERT_KEY.match(key)
-        assert m is not None
-        local_j = int(m.group(2)) - ep.rank * E_l
-        t = sd[key].contiguous()
-        parts = [torch.empty_like(t) for _ in range(ep.size)]
-        dist.all_gather(parts, t, group=ep.group)
-        for r, part in enumerate(parts):
-            out[f"{m.group(1)}{r * E_l + local_j}{m.group(3)}"] = part
+    if m is None or ep.size == 1:
+        yield name, tensor
+        return
+    num_local = len(ep.local_experts(num_experts))
+    local = int(m.group(2)) - ep.rank * num_local
+    gathered = [torch.empty_like(tensor) for _ in range(ep.size)]
+    dist.all_gather(gathered, tensor.contiguous(), group=ep.group)
+    for r, part in enumerate(gathered):
+        yield f"{m.group(1)}{r * num_local + local}{m.group(3)}", part
+
+
+def gather_expert_state_dict(model: nn.Module, groups: ExpertParallelGroups) -> dict[str, torch.Tensor]:
+    """The full state dict (every expert) on every rank of the EP group. Collective; it holds the whole
+    model, so it is for small models and tests (the trainer streams ``gather_expert_tensor`` instead)."""
+    num_experts = next((layer.num_experts for layer in moe_layers(model)), 0)
+    out: dict[str, torch.Tensor] = {}
+    for key, t in model.state_dict().items():
+        out.update(gather_expert_tensor(key, t.detach(), groups, num_experts))
     return out
 
 
@@ -230,17 +242,51 @@ def _marker_forward(*args: Any, **kwargs: Any) -> None:
     raise RuntimeError("the DeepSpeed MoE marker is not a layer; it only flags the model as MoE")
 
 
+def build_moe_model(cfg: TrainConfig, model_cfg: ModelConfig, groups: ExpertParallelGroups,
+                    state_dict: dict[str, torch.Tensor] | None) -> Aquila3:
+    """This rank's MoE model. ``state_dict`` (full, every expert) wins; else init=upcycle builds the local
+    experts online from the dense checkpoint; else a seeded full model is built and sharded, so every
+    expert-parallel size starts from the same weights."""
+    if state_dict is None and cfg.init == "upcycle":
+        return build_upcycled_model(cfg.init_from, model_cfg, groups.ep,  # type: ignore[arg-type]
+                                    UpcycleOptions(seed=cfg.seed)).float()
+    model = build_model(model_cfg, seed=cfg.seed if state_dict is None else None)
+    shard_experts(model, groups.ep)
+    if state_dict is not None:
+        missing, unexpected = model.load_state_dict(local_expert_state(model, state_dict), strict=False)
+        missing = [k for k in missing if not (model_cfg.tie_embeddings and k == "lm_head.weight")]
+        if missing or unexpected:
+            raise RuntimeError(f"MoE state dict does not match the model: missing {missing[:5]}, "
+                               f"unexpected {unexpected[:5]}")
+    return model
+
+
+def moe_param_groups(model: nn.Module, groups: list[dict[str, Any]],
+                     ep_groups: ExpertParallelGroups) -> list[dict[str, Any]]:
+    """Expert parameters split into their own optimizer groups (DeepSpeed reduces them over the
+    expert-data-parallel group); the model is registered with DeepSpeed as MoE. EP size 1 needs neither:
+    experts are then ordinary replicated parameters."""
+    if ep_groups.ep.size == 1:
+        return groups
+    mark_expert_params(model, ep_groups.group_name)
+    register_with_deepspeed(model, ep_groups)
+    return split_moe_param_groups(groups)
+
+
 __all__ = [
     "ExpertParallelGroups",
     "allreduce_gradients",
+    "build_moe_model",
     "create_expert_parallel_groups",
     "expert_parallel_layout",
     "expert_params",
     "gather_expert_state_dict",
+    "gather_expert_tensor",
     "is_expert_param_name",
     "local_expert_state",
     "mark_expert_params",
     "moe_layers",
+    "moe_param_groups",
     "register_with_deepspeed",
     "shard_experts",
     "split_moe_param_groups",
