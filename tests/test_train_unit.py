@@ -276,3 +276,32 @@ def test_read_metrics_skips_only_a_torn_last_line(tmp_path: Path) -> None:
     path.write_text('{"step": 1}\n{"step": 2, "lo\n{"step": 3}\n')
     with pytest.raises(DataError, match="line 2 is not JSON"):
         read_metrics(path)
+
+
+COLLECTIVES = {"all_reduce", "all_gather", "all_gather_object", "all_gather_into_tensor", "broadcast", "reduce",
+               "reduce_scatter", "reduce_scatter_tensor", "all_to_all", "all_to_all_single", "gather", "scatter"}
+
+
+def test_no_collective_gets_a_tensor_moved_to_cpu() -> None:
+    """On GPU clusters the default group is cpu:gloo,cuda:nccl; a collective on a tensor just moved to the
+    CPU would still work (Gloo) but would pull device data through host memory and TCP. None may."""
+    import ast
+
+    import aquila_ray.train as train_pkg
+    from aquila_ray.train.trainer import process_group_backend
+
+    assert process_group_backend(True) == "cpu:gloo,cuda:nccl" and process_group_backend(False) == "cpu:gloo"
+    offenders, calls = [], 0
+    for path in sorted(Path(train_pkg.__file__).parent.glob("*.py")):
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                    and node.func.attr in COLLECTIVES and isinstance(node.func.value, ast.Name)
+                    and node.func.value.id == "dist"):
+                calls += 1
+                for arg in [*node.args, *(k.value for k in node.keywords)]:
+                    src = ast.unparse(arg)
+                    if ".cpu()" in src or "'cpu'" in src or '"cpu"' in src:
+                        offenders.append(f"{path.name}:{node.lineno}: {ast.unparse(node)}")
+    assert calls >= 5  # the walk sees the trainer's collectives
+    assert not offenders, offenders
