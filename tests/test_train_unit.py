@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from aquila_ray.config import get_preset
 from aquila_ray.config.train import ScheduleConfig, TrainConfig, build_train_config
 from aquila_ray.data.dataset import TokenDataset, rank_batch, stream_indices
 from aquila_ray.data.synthetic import write_synthetic_shards
@@ -305,3 +306,32 @@ def test_no_collective_gets_a_tensor_moved_to_cpu() -> None:
                         offenders.append(f"{path.name}:{node.lineno}: {ast.unparse(node)}")
     assert calls >= 5  # the walk sees the trainer's collectives
     assert not offenders, offenders
+
+
+@pytest.mark.parametrize("preset", ["tiny", "tiny-moe"])
+def test_init_checkpoint_reads_only_this_ranks_tensors(preset: str, tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """init=checkpoint builds on the meta device and reads each tensor the rank holds, once; an expert-
+    parallel rank reads only its experts."""
+    import torch
+
+    from aquila_ray.checkpoint import CheckpointReader, save_model
+    from aquila_ray.model import build_model
+    from aquila_ray.moe import ExpertParallel
+    from aquila_ray.train.engine import build_worker_model
+    from aquila_ray.train.parallelize import ExpertParallelGroups
+
+    source = build_model(get_preset(preset), seed=3)
+    save_model(source, tmp_path / "init")
+    cfg = build_train_config({"model": preset}, ["init=checkpoint", f"init_from={tmp_path / 'init'}"])
+    reads: list[str] = []
+    original = CheckpointReader.get
+    monkeypatch.setattr(CheckpointReader, "get", lambda self, name: reads.append(name) or original(self, name))
+    groups = None if source.config.moe is None else ExpertParallelGroups(ExpertParallel(size=2, rank=1), None, 2)
+    model = build_worker_model(cfg, cfg.model, groups, torch.device("cpu"))
+    expected = source.state_dict()
+    held = model.state_dict()
+    assert sorted(reads) == sorted(held)  # every held tensor read once, nothing else
+    assert all(torch.equal(t, expected[k]) for k, t in held.items())
+    if groups is not None:
+        assert {int(k.split(".")[4]) for k in held if ".experts." in k} == {4, 5, 6, 7}

@@ -25,9 +25,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from aquila_ray.checkpoint import load_state_dict
+from aquila_ray.checkpoint import CheckpointReader
 from aquila_ray.config.model import ModelConfig
 from aquila_ray.config.train import TrainConfig
+from aquila_ray.errors import CheckpointError
 from aquila_ray.model import Aquila3, build_model
 from aquila_ray.train.checkpointing import ADAM_KEYS, WEIGHT, Fragment, state_key
 from aquila_ray.train.parallelize import (
@@ -70,29 +71,40 @@ def build_worker_model(cfg: TrainConfig, model_cfg: ModelConfig, ep_groups: Any,
 
 def _initial_model(cfg: TrainConfig, model_cfg: ModelConfig, ep_groups: Any, device: torch.device,
                    resuming: bool) -> Aquila3:
-    if resuming:
-        with torch.device("meta"):
-            model = Aquila3(model_cfg)
-        if ep_groups is not None:
-
-            shard_experts(model, ep_groups.ep)
-        model = model.to_empty(device=device)
-        model.tie_weights()
+    if resuming or cfg.init == "checkpoint":
+        model = _allocated_model(model_cfg, ep_groups, device)
+        if not resuming:
+            _read_own_tensors(model, cfg.init_from)  # type: ignore[arg-type]
         return model
-    state_dict = None
-    if cfg.init == "checkpoint":  # the driver verified the shard digests (trainer.validate)
-        state_dict, _ = load_state_dict(cfg.init_from, verify=False)  # type: ignore[arg-type]
     if model_cfg.moe is not None:
+        return build_moe_model(cfg, model_cfg, ep_groups).to(device)
+    return build_model(model_cfg, seed=cfg.seed).to(device)
 
-        return build_moe_model(cfg, model_cfg, ep_groups, state_dict).to(device)
-    model = build_model(model_cfg, seed=cfg.seed if state_dict is None else None)
-    if state_dict is not None:
-        missing, unexpected = model.load_state_dict(state_dict, strict=False)
-        missing = [k for k in missing if not (model_cfg.tie_embeddings and k == "lm_head.weight")]
-        if missing or unexpected:
-            raise RuntimeError(f"state dict does not match the model: missing {missing[:5]}, "
-                               f"unexpected {unexpected[:5]}")
-    return model.to(device)
+
+def _allocated_model(model_cfg: ModelConfig, ep_groups: Any, device: torch.device) -> Aquila3:
+    """This rank's model built on the meta device (only its experts), then allocated uninitialized."""
+    with torch.device("meta"):
+        model = Aquila3(model_cfg)
+    if ep_groups is not None:
+        shard_experts(model, ep_groups.ep)
+    model = model.to_empty(device=device)
+    model.tie_weights()
+    return model
+
+
+@torch.no_grad()
+def _read_own_tensors(model: Aquila3, directory: str) -> None:
+    """Fill ``model`` from a model checkpoint, one tensor at a time, reading only the tensors this rank
+    holds (its experts, under their global ids). The driver verified the shard digests
+    (``trainer.validate``), so the workers do not hash them again."""
+    reader = CheckpointReader(directory, verify=False)
+    tied = model.config.tie_embeddings
+    wanted = {k: t for k, t in model.state_dict().items() if not (tied and k == "lm_head.weight")}
+    missing = [k for k in wanted if k not in reader]
+    if missing:
+        raise CheckpointError(f"{directory} lacks {len(missing)} tensor(s) this rank needs, e.g. {missing[:3]}")
+    for name, t in wanted.items():
+        t.copy_(reader.get(name))
 
 
 def param_groups(model: nn.Module, weight_decay: float, ep_groups: Any = None) -> list[dict[str, Any]]:

@@ -242,22 +242,15 @@ def _marker_forward(*args: Any, **kwargs: Any) -> None:
     raise RuntimeError("the DeepSpeed MoE marker is not a layer; it only flags the model as MoE")
 
 
-def build_moe_model(cfg: TrainConfig, model_cfg: ModelConfig, groups: ExpertParallelGroups,
-                    state_dict: dict[str, torch.Tensor] | None) -> Aquila3:
-    """This rank's MoE model. ``state_dict`` (full, every expert) wins; else init=upcycle builds the local
-    experts online from the dense checkpoint; else a seeded full model is built and sharded, so every
-    expert-parallel size starts from the same weights."""
-    if state_dict is None and cfg.init == "upcycle":
+def build_moe_model(cfg: TrainConfig, model_cfg: ModelConfig, groups: ExpertParallelGroups) -> Aquila3:
+    """This rank's MoE model on a fresh start: init=upcycle builds the local experts online from the dense
+    checkpoint; otherwise a seeded full model is built and sharded, so every expert-parallel size starts
+    from the same weights. (init=checkpoint and resumes read only the rank's tensors: ``engine``.)"""
+    if cfg.init == "upcycle":
         return build_upcycled_model(cfg.init_from, model_cfg, groups.ep,  # type: ignore[arg-type]
                                     UpcycleOptions(seed=cfg.seed)).float()
-    model = build_model(model_cfg, seed=cfg.seed if state_dict is None else None)
+    model = build_model(model_cfg, seed=cfg.seed)
     shard_experts(model, groups.ep)
-    if state_dict is not None:
-        missing, unexpected = model.load_state_dict(local_expert_state(model, state_dict), strict=False)
-        missing = [k for k in missing if not (model_cfg.tie_embeddings and k == "lm_head.weight")]
-        if missing or unexpected:
-            raise RuntimeError(f"MoE state dict does not match the model: missing {missing[:5]}, "
-                               f"unexpected {unexpected[:5]}")
     return model
 
 
