@@ -107,6 +107,10 @@ class CheckpointingConfig:
     file per rank) and resume without it."""
     max_shard_bytes: int = 2 * 1024**3
     """Split the model checkpoint's safetensors files above this size."""
+    async_upload: bool = True
+    """Upload each rank's files to the storage path in the background (Ray Train's
+    ``checkpoint_upload_mode=ASYNC``) while training goes on; the step that checkpoints then only waits for
+    the local write. The last checkpoint (with the model export) is always uploaded before the run ends."""
 
     def __post_init__(self) -> None:
         _check_positive_int("CheckpointingConfig", every=self.every, max_shard_bytes=self.max_shard_bytes)

@@ -123,7 +123,7 @@ def _grad_norm(module: torch.nn.Module) -> float:
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Ray Train's ``train_loop_per_worker``; ``config`` = {"train": TrainConfig dict, "run_name", "log_dir"}."""
     import ray.train
-    from ray.train import Checkpoint
+    from ray.train import Checkpoint, CheckpointUploadMode
 
     cfg = from_dict(TrainConfig, config["train"])
     run_name, log_dir = config["run_name"], Path(config["log_dir"])
@@ -257,7 +257,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             if step % cfg.checkpoint.every == 0 or is_last:
                 export = is_last or bool(cfg.checkpoint.export_every and step % cfg.checkpoint.export_every == 0)
                 _save_and_report(engine, module, cfg, dims, ep, state, row, batch, export, Checkpoint,
-                                 ray.train.report)
+                                 ray.train.report, CheckpointUploadMode)
         if logger is not None and last_row:
             print(f"[aquila-ray] {run_name}: done at step {step}", flush=True)
     finally:
@@ -267,12 +267,16 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
 def _save_and_report(engine: Any, module: torch.nn.Module, cfg: TrainConfig, dims: ParallelDims, ep: Any,
                      state: dict[str, Any], row: dict[str, Any], batch: int, export: bool, checkpoint_cls: Any,
-                     report: Any) -> None:
+                     report: Any, upload_mode: Any) -> None:
     """Every rank writes what it owns into its own directory and reports it; Ray Train merges the ranks'
     files into one checkpoint and registers it once all have uploaded (a half-written one is never seen).
-    Rank 0 adds the trainer state and, when ``export``, the model checkpoint streamed one tensor at a time."""
+    Rank 0 adds the trainer state and, when ``export``, the model checkpoint streamed one tensor at a time.
+    With ``checkpoint.async_upload`` (not for the export) the upload runs in Ray Train's background thread,
+    which deletes the local files after it."""
     metrics = {k: v for k, v in row.items() if isinstance(v, (int, float, str))}
     tmp = Path(tempfile.mkdtemp(prefix=f"aquila-ray-ckpt-rank{dims.rank}-"))
+    in_background = cfg.checkpoint.async_upload and not export
+    handed_over = False
     try:
         save_sharded_state(tmp, owned_state(engine, module))
         save_file({"torch_cpu": torch.get_rng_state()}, str(tmp / rng_name(dims.rank)))
@@ -292,6 +296,10 @@ def _save_and_report(engine: Any, module: torch.nn.Module, cfg: TrainConfig, dim
                 "expert_parallel": dims.ep, "zero_stage": effective_zero_stage(cfg, dims.world_size),
                 "saved_at": time.time(), "metrics": metrics})
             write_json(tmp / TRAIN_CONFIG_NAME, to_dict(cfg))
-        report(metrics, checkpoint=checkpoint_cls.from_directory(str(tmp)))
+        report(metrics, checkpoint=checkpoint_cls.from_directory(str(tmp)),
+               checkpoint_upload_mode=upload_mode.ASYNC if in_background else upload_mode.SYNC,
+               delete_local_checkpoint_after_upload=in_background)
+        handed_over = in_background
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if not handed_over:
+            shutil.rmtree(tmp, ignore_errors=True)
