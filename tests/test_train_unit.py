@@ -335,3 +335,18 @@ def test_init_checkpoint_reads_only_this_ranks_tensors(preset: str, tmp_path: Pa
     assert all(torch.equal(t, expected[k]) for k, t in held.items())
     if groups is not None:
         assert {int(k.split(".")[4]) for k in held if ".experts." in k} == {4, 5, 6, 7}
+
+
+def test_gpu_deepspeed_config_accumulates_bf16_gradients_in_fp32() -> None:
+    """What a GPU worker hands DeepSpeed (not runnable here): bf16 weights, fp32 gradient accumulation, and
+    ZeRO even for one GPU (DeepSpeed accumulates in fp32 only inside its ZeRO optimizers)."""
+    from aquila_ray.train.engine import deepspeed_config, effective_zero_stage
+
+    gpu = build_train_config({}, ["scaling.use_gpu=true"])
+    conf = deepspeed_config(gpu, micro_batch=2, grad_accum=4, world_size=1)
+    assert conf["bf16"] == {"enabled": True} and conf["data_types"] == {"grad_accum_dtype": "fp32"}
+    assert conf["zero_optimization"]["stage"] == effective_zero_stage(gpu, 1) == 1
+    cpu = build_train_config({})
+    conf = deepspeed_config(cpu, micro_batch=2, grad_accum=4, world_size=1)
+    assert conf["bf16"] == {"enabled": False} and "data_types" not in conf
+    assert conf["zero_optimization"]["stage"] == 0
