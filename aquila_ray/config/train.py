@@ -107,13 +107,17 @@ class CheckpointingConfig:
     file per rank) and resume without it."""
     max_shard_bytes: int = 2 * 1024**3
     """Split the model checkpoint's safetensors files above this size."""
+    state_file_bytes: int = 256 * 1024**2
+    """Each rank writes its training state in files of about this size. DCP's safetensors storage builds a
+    file in memory before writing it, so a save adds 2-3x this to a rank's memory, whatever the model size."""
     async_upload: bool = True
     """Upload each rank's files to the storage path in the background (Ray Train's
     ``checkpoint_upload_mode=ASYNC``) while training goes on; the step that checkpoints then only waits for
     the local write. The last checkpoint (with the model export) is always uploaded before the run ends."""
 
     def __post_init__(self) -> None:
-        _check_positive_int("CheckpointingConfig", every=self.every, max_shard_bytes=self.max_shard_bytes)
+        _check_positive_int("CheckpointingConfig", every=self.every, max_shard_bytes=self.max_shard_bytes,
+                            state_file_bytes=self.state_file_bytes)
         if self.export_every is not None:
             _check_positive_int("CheckpointingConfig", export_every=self.export_every)
         if self.num_to_keep is not None:

@@ -4,7 +4,8 @@ A training checkpoint is one directory that Ray Train assembles from every rank'
 ``ray.train.report(checkpoint=...)`` with its own directory; Ray Train merges them into one registered
 checkpoint on the storage path and registers it only once every rank has uploaded):
 
-- ``state/shard-NNNNN-model-00001-of-00001.safetensors``: rank N-1's fragments, written by
+- ``state/shard-NNNNN-model-IIIII-of-MMMMM.safetensors``: rank N-1's fragments (in files of about
+  ``checkpoint.state_file_bytes``: ``state_file_index``), written by
   ``torch.distributed.checkpoint`` (DCP) through its Hugging Face safetensors storage. Each key is one
   flattened parameter: ``weight/NAME`` (the fp32 master weights), ``exp_avg/NAME`` and ``exp_avg_sq/NAME``
   (Adam's moments), and a rank stores the contiguous slice of it that its ZeRO partition (or its experts)
@@ -110,12 +111,34 @@ class Fragment(torch.Tensor):
         return f"Fragment(offset={self._offset}, numel={self._local.numel()} of {self.numel()})"
 
 
-def save_sharded_state(directory: str | Path, fragments: Mapping[str, torch.Tensor]) -> None:
-    """Write this rank's fragments under ``directory/state``. Collective (DCP plans over the default
-    process group); each rank may pass its own local directory (Ray Train merges them)."""
+def state_file_index(model_config: ModelConfig, world_size: int, file_bytes: int) -> dict[str, int]:
+    """Which state file (1, 2, ...) each checkpoint key goes to, the same on every rank: parameters in name
+    order, kinds side by side, a new file when a rank's expected share (1/world_size of the tensors, which
+    also averages out the experts an expert-parallel rank holds) would pass ``file_bytes``. DCP's safetensors
+    storage builds each file in memory before writing it, so this bounds what a save adds to a rank's
+    memory (to 2-3x ``file_bytes``), whatever the model size."""
+    index: dict[str, int] = {}
+    current, filled = 1, 0.0
+    for name, shape in sorted(_model_keys(model_config).items()):
+        share = 4 * torch.Size(shape).numel() / world_size
+        for kind in STATE_KINDS:
+            if filled and filled + share > file_bytes:
+                current, filled = current + 1, 0.0
+            index[state_key(kind, name)] = current
+            filled += share
+    return index
+
+
+def save_sharded_state(directory: str | Path, fragments: Mapping[str, torch.Tensor],
+                       file_index: Mapping[str, int] | None = None) -> None:
+    """Write this rank's fragments under ``directory/state``, split into files by ``file_index``
+    (``state_file_index``; None: one file per rank). Collective (DCP plans over the default process group);
+    each rank may pass its own local directory (Ray Train merges them)."""
     d = Path(directory) / STATE_DIR
     d.mkdir(parents=True, exist_ok=True)
-    dcp.save(dict(fragments), storage_writer=HuggingFaceStorageWriter(str(d), save_distributed=True))
+    writer = HuggingFaceStorageWriter(str(d), save_distributed=True,
+                                      fqn_to_index_mapping=dict(file_index) if file_index is not None else None)
+    dcp.save(dict(fragments), storage_writer=writer)
 
 
 def load_sharded_state(directory: str | Path, fragments: Mapping[str, torch.Tensor]) -> None:

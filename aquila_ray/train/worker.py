@@ -43,6 +43,7 @@ from aquila_ray.train.checkpointing import (
     read_trainer_state,
     rng_name,
     save_sharded_state,
+    state_file_index,
     write_json,
 )
 from aquila_ray.train.engine import (
@@ -278,7 +279,8 @@ def _save_and_report(engine: Any, module: torch.nn.Module, cfg: TrainConfig, dim
     in_background = cfg.checkpoint.async_upload and not export
     handed_over = False
     try:
-        save_sharded_state(tmp, owned_state(engine, module))
+        save_sharded_state(tmp, owned_state(engine, module), state_file_index(
+            module.config, dims.world_size, cfg.checkpoint.state_file_bytes))  # type: ignore[arg-type]
         save_file({"torch_cpu": torch.get_rng_state()}, str(tmp / rng_name(dims.rank)))
         if export:
             writer = (CheckpointWriter(tmp, module.config, cfg.checkpoint.max_shard_bytes)  # type: ignore[arg-type]
