@@ -135,7 +135,7 @@ def test_moe_worker_killed_from_outside_resumes_bit_identical(ep2: TrainResult, 
         assert not different, different[:5]
 
 
-@pytest.mark.parametrize("workers", [1, 2])
+@pytest.mark.parametrize("workers", [pytest.param(1, marks=pytest.mark.slow), 2])
 def test_ep2_checkpoint_loads_exactly_at_ep1(ep2: TrainResult, workers: int, data_dir: Path, storage: Path,
                                              tmp_path: Path) -> None:
     """Experts saved by the ranks that held them (EP=2) land, slice for slice, in an EP=1 layout: one
