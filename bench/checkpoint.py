@@ -57,7 +57,13 @@ from aquila_ray.config.train import CheckpointingConfig, ScalingOptions, TrainCo
 from aquila_ray.data.dataset import TokenDataset, rank_batch
 from aquila_ray.data.synthetic import write_synthetic_shards
 from aquila_ray.model import Aquila3
-from aquila_ray.train.checkpointing import STATE_DIR, Fragment, load_sharded_state, save_sharded_state
+from aquila_ray.train.checkpointing import (
+    STATE_DIR,
+    Fragment,
+    load_sharded_state,
+    save_sharded_state,
+    state_file_index,
+)
 from aquila_ray.train.engine import (
     ParallelDims,
     build_engine,
@@ -245,17 +251,19 @@ def bench_loop(config: dict[str, Any]) -> None:
     # Every rank writes into one directory per repeat, as Ray Train's merged checkpoint holds them (a resume
     # at any world size reads every rank's file); on one machine that is a local directory.
     directories = [Path(config["scratch"], f"save-{i}") for i in range(repeats)]
+    # the trainer's split of each rank's state into files of ~checkpoint.state_file_bytes
+    file_index = state_file_index(cfg.model, dims.world_size, cfg.checkpoint.state_file_bytes)
     for d in directories:
         barrier()
         with PeakRss() as rss:
             t0 = time.perf_counter()
-            save_sharded_state(d, saved)
+            save_sharded_state(d, saved, file_index)
             save["save_s"].append(time.perf_counter() - t0)
         save["save_peak_increase"].append(rss.increase)
         save["save_anon_increase"].append(rss.anon_increase)
         save["hwm_samples"].append(rss.samples)
         save["rss_after_save"].append(psutil.Process().memory_info().rss)
-        (state_file,) = (d / STATE_DIR).glob(f"shard-{dims.rank + 1:05d}-*.safetensors")
+        state_files = sorted((d / STATE_DIR).glob(f"shard-{dims.rank + 1:05d}-*.safetensors"))
         barrier()
         with PeakRss() as rss:
             t0 = time.perf_counter()
@@ -264,13 +272,16 @@ def bench_loop(config: dict[str, Any]) -> None:
         save["plain_write_peak_increase"].append(rss.increase)
         barrier()
         t0 = time.perf_counter()
-        copy = d / f"copy-rank{dims.rank}.safetensors"
-        shutil.copyfile(state_file, copy)
-        _fsync(copy)
+        copies = [d / f"copy-rank{dims.rank}-{i}.safetensors" for i in range(len(state_files))]
+        for state_file, copy in zip(state_files, copies, strict=True):
+            shutil.copyfile(state_file, copy)
+            _fsync(copy)
         save["copy_s"].append(time.perf_counter() - t0)
-        file_bytes = state_file.stat().st_size
+        file_bytes = sum(f.stat().st_size for f in state_files)
+        files_per_rank = len(state_files)
         (d / f"plain-rank{dims.rank}.bin").unlink()
-        copy.unlink()
+        for copy in copies:
+            copy.unlink()
     barrier()
     if dims.rank == 0:
         for d in directories[:-1]:
@@ -318,7 +329,8 @@ def bench_loop(config: dict[str, Any]) -> None:
     record = {
         "rank": dims.rank, "world_size": dims.world_size, "zero_stage": effective_zero_stage(cfg, dims.world_size),
         "threads": torch.get_num_threads(), "params": sum(p.numel() for p in module.parameters()),
-        "keys": len(saved), "own_shard_bytes": own_shard, "file_bytes": file_bytes, "largest_tensor_bytes": largest,
+        "keys": len(saved), "own_shard_bytes": own_shard, "file_bytes": file_bytes, "files": files_per_rank,
+        "largest_tensor_bytes": largest,
         "bound": own_shard + largest,
         "full_state_bytes": STATE_BYTES_PER_PARAM * sum(p.numel() for p in module.parameters()),
         "steady_rss": steady_rss, "step_s": step_s, "step_with_checkpoint_s": step_ckpt_s,
