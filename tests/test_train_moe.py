@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from train_helpers import OutsideKill, check_resharded_load
+from train_helpers import OutsideKill, check_resharded_load, training_state
 
 from aquila_ray.checkpoint import load_state_dict, save_model
 from aquila_ray.config.train import TrainConfig, build_train_config
@@ -23,7 +23,6 @@ from aquila_ray.data.dataset import TokenDataset, stream_indices
 from aquila_ray.data.synthetic import write_synthetic_shards
 from aquila_ray.model import build_model
 from aquila_ray.train import TrainResult, run_training
-from aquila_ray.train.checkpointing import iter_saved_tensors
 from aquila_ray.train.metrics import read_metrics, read_wandb_history, wandb_run_files
 
 pytestmark = pytest.mark.ray
@@ -125,10 +124,10 @@ def test_moe_worker_killed_from_outside_resumes_bit_identical(ep2: TrainResult, 
     def model_export(r: TrainResult) -> dict[str, torch.Tensor]:
         return load_state_dict(r.checkpoint_path or "")[0]
 
-    def training_state(r: TrainResult) -> dict[str, torch.Tensor]:
-        return dict(iter_saved_tensors(r.checkpoint_path or ""))
+    def saved_state(r: TrainResult) -> dict[str, torch.Tensor]:
+        return training_state(r.checkpoint_path or "")
 
-    for read in (model_export, training_state):
+    for read in (model_export, saved_state):
         a, b = read(result), read(ep2)
         assert a.keys() == b.keys()
         different = [k for k in a if not torch.equal(a[k], b[k])]
@@ -140,7 +139,7 @@ def test_ep2_checkpoint_loads_exactly_at_ep1(ep2: TrainResult, workers: int, dat
                                              tmp_path: Path) -> None:
     """Experts saved by the ranks that held them (EP=2) land, slice for slice, in an EP=1 layout: one
     worker holding all, or two workers holding all experts with ZeRO splitting their state."""
-    saved = dict(iter_saved_tensors(ep2.checkpoint_path or ""))
+    saved = training_state(ep2.checkpoint_path or "")
     cfg = make_cfg(data_dir, "scaling.expert_parallel=1", f"scaling.num_workers={workers}")
     records = check_resharded_load(cfg, ep2.checkpoint_path or "", workers, tmp_path, storage, f"moe-reshard-{workers}")
     assert all(r["mismatched"] == [] and r["weights_mismatched"] == [] for r in records), records

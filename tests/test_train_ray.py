@@ -17,12 +17,13 @@ from typing import Any
 import pytest
 import torch
 from train_helpers import OutsideKill, check_resharded_load
+from train_helpers import training_state as saved_training_state
 
 from aquila_ray.checkpoint import load_state_dict
 from aquila_ray.config.train import TrainConfig, build_train_config
 from aquila_ray.data.synthetic import write_synthetic_shards
 from aquila_ray.train import TrainResult, run_training
-from aquila_ray.train.checkpointing import STATE_DIR, iter_saved_tensors, saved_chunks
+from aquila_ray.train.checkpointing import STATE_DIR, saved_chunks
 from aquila_ray.train.metrics import read_metrics, read_wandb_history, wandb_run_files
 
 pytestmark = pytest.mark.ray
@@ -59,8 +60,7 @@ def weights(result: TrainResult) -> dict[str, torch.Tensor]:
 
 
 def training_state(result: TrainResult) -> dict[str, torch.Tensor]:
-    """Every saved fp32 master weight and Adam moment, assembled from the ranks' slices (toy size only)."""
-    return dict(iter_saved_tensors(result.checkpoint_path or ""))
+    return saved_training_state(result.checkpoint_path or "")
 
 
 def assert_resumed_at(result: TrainResult, kill_step: int, resumed_step: int) -> None:

@@ -41,6 +41,12 @@ from aquila_ray.train.engine import (
 from aquila_ray.train.metrics import read_metrics
 
 
+def training_state(checkpoint: str | Path) -> dict[str, torch.Tensor]:
+    """Every saved fp32 master weight and Adam moment of a checkpoint, assembled from the ranks' slices
+    (toy size only)."""
+    return dict(iter_saved_tensors(checkpoint))
+
+
 class OutsideKill:
     """SIGKILL one Ray Train worker process (chosen at random) from outside, once rank 0 has logged
     ``after_step``: the process gets no chance to clean up, as when a node's OOM killer or a spot

@@ -207,10 +207,9 @@ def read_trainer_state(directory: str | Path) -> dict[str, Any]:
     return dict(json.loads(path.read_text()))
 
 
-def read_rng(directory: str | Path, rank: int, world_size: int) -> torch.Tensor | None:
+def read_rng(directory: str | Path, rank: int, same_world_size: bool) -> torch.Tensor | None:
     """This rank's saved RNG state when the world size is unchanged, else rank 0's (or None)."""
-    state = read_trainer_state(directory)
-    path = Path(directory) / rng_name(rank if state.get("world_size") == world_size else 0)
+    path = Path(directory) / rng_name(rank if same_world_size else 0)
     return load_file(str(path))["torch_cpu"] if path.is_file() else None
 
 

@@ -169,7 +169,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             load_sharded_state(resume_dir, owned_state(engine, module))
             finish_load(engine, module, int(saved["optimizer_step"]))
             state.update({k: saved[k] for k in state})
-            rng = read_rng(resume_dir, dims.rank, dims.world_size)
+            rng = read_rng(resume_dir, dims.rank, saved.get("world_size") == dims.world_size)
             if rng is not None:
                 torch.set_rng_state(rng)
     start_step = int(state["step"])
