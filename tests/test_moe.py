@@ -30,7 +30,7 @@ def test_each_token_dispatched_k_times_and_weights_sum_to_one(order: str, renorm
     # the dispatcher sends every token to exactly its k experts: count the rows each expert sees
     seen: list[torch.Tensor] = []
 
-    def run(xs: torch.Tensor, counts: list[int]) -> torch.Tensor:
+    def run(xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         seen.append(xs.clone())
         assert sum(counts) == 100
         return xs
@@ -38,7 +38,7 @@ def test_each_token_dispatched_k_times_and_weights_sum_to_one(order: str, renorm
     x = torch.arange(50, dtype=torch.float32).unsqueeze(-1)  # token id as its feature
     out = dispatch_combine(x, r.expert_idx_Nk, r.weight_Nk, 8, run, ExpertParallel())
     assert torch.bincount(seen[0].squeeze(-1).long(), minlength=50).tolist() == [2] * 50
-    assert out.tokens_per_expert_E.sum() == 100 and out.dropped == 0
+    assert out.tokens_per_expert_E.sum() == 100 and out.dropped_assignments == 0
     torch.testing.assert_close(out.y_ND, x)  # identity experts + weights summing to 1 -> input back
 
 

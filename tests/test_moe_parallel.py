@@ -89,7 +89,7 @@ def _worker(rank: int, port: int, result_dir: str) -> None:
             n_experts = len({n.split(".")[4] for n, _ in model.named_parameters() if ".experts." in n})
             gathered = gather_expert_state_dict(model, groups)
             gather_ok = set(gathered) == set(full_sd) and all(torch.equal(gathered[k], full_sd[k]) for k in full_sd)
-            dropped = sum(s.dropped_tokens for s in model(xs[rank]).router_stats)
+            dropped = sum(int(s.dropped_tokens) for s in model(xs[rank]).router_stats)
             results.append({"out_err": out_err, "grad_err": grad_err, "local_experts": n_experts,
                             "gather_ok": gather_ok, "dropped": dropped})
         torch.save(results, Path(result_dir) / f"rank{rank}.pt")

@@ -7,6 +7,7 @@ builds each rank's experts from a dense checkpoint and starts at the dense model
 
 from __future__ import annotations
 
+import math
 import random
 import time
 from pathlib import Path
@@ -31,7 +32,10 @@ RAY_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
 
 BASE = ["global_batch_tokens=512", "micro_batch_size=4", "steps=4", "checkpoint.every=2", "optimizer.lr=3e-3",
         "schedule.warmup_steps=1", "eval_every=-1", "scaling.num_workers=2", "scaling.max_failures=0",
-        "wandb.mode=offline"]
+        "wandb.mode=offline",
+        # Scale-Out options on (their default-off paths are the plain MoE): the bias balancer's state must
+        # resume bit-identical and agree between expert-parallel sizes like the weights
+        "model.moe.bias_update_rate=0.01", "model.moe.aux_loss_scope=sequence", "model.moe.router_lr_mult=2.0"]
 
 
 @pytest.fixture(scope="module")
@@ -71,6 +75,12 @@ def test_moe_trains_and_logs_router_metrics(ep2: TrainResult) -> None:
             counts = [r[f"moe/layer{layer}/expert{e}_tokens"] for e in range(8)]
             assert sum(counts) == 16 * 32 * 2  # every token goes to top_k=2 experts (dropless)
             assert r[f"moe/layer{layer}/imbalance"] >= 1.0
+            assert 0 < r[f"moe/layer{layer}/router_entropy"] <= math.log(8)
+        assert r["moe/dropped_assignments"] == 0
+    # the balancer moved each router's bias by +-0.01 per expert per step (4 steps), the same on every rank
+    bias = load_state_dict(ep2.checkpoint_path or "")[0]["layers.1.mlp.router.expert_bias"]
+    steps = bias / 0.01
+    assert bias.abs().sum() > 0 and torch.allclose(steps, steps.round(), atol=1e-3) and steps.abs().max() <= 4
     history = read_wandb_history(wandb_run_files(ep2.run_dir)[-1])
     assert [h["step"] for h in history] == [1, 2, 3, 4]
     assert all("aux_loss" in h and "z_loss" in h and "moe/layer1/expert7_tokens" in h for h in history)

@@ -219,13 +219,15 @@ class CheckpointWriter:
         return self.dir
 
 
-def _model_keys(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Every key the config implies, with its shape (built on the meta device: no memory)."""
+def _model_keys(cfg: ModelConfig, buffers: bool = True) -> dict[str, tuple[int, ...]]:
+    """Every key the config implies, with its shape (built on the meta device: no memory); ``buffers=False``:
+    the parameters only (what an optimizer holds state for)."""
     from aquila_ray.model import Aquila3
 
     with torch.device("meta"):
         model = Aquila3(cfg)
-    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    skip = set() if buffers else {name for name, _ in model.named_buffers()}
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items() if k not in skip}
     if cfg.tie_embeddings:
         shapes.pop("lm_head.weight", None)
     return shapes

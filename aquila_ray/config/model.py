@@ -7,11 +7,12 @@ analytic so the 100B-parameter presets can be planned without allocating anythin
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, get_args
 
 from aquila_ray.errors import ConfigError
 
 RouterOrder = Literal["topk_then_softmax", "softmax_then_topk"]
+AuxLossScope = Literal["batch", "sequence"]
 
 
 def _positive(obj: object, *names: str) -> None:
@@ -47,9 +48,34 @@ class MoEConfig:
     """None: dropless. Otherwise each expert takes at most ceil(cf * tokens * k / E) tokens."""
     granularity: int = 1
     """Virtual-group granular upcycling (2410.07524): each dense MLP is split into G slices."""
+    aux_loss_scope: AuxLossScope = "batch"
+    """batch: the load-balancing loss over all tokens of the micro-batch (Switch, GShard); sequence: computed
+    per sequence and averaged (DeepSeek-V2/V3's sequence-wise balance loss), which also penalizes a
+    sequence that sends all its tokens to one expert while the batch as a whole is balanced."""
+    bias_update_rate: float = 0.0
+    """Auxiliary-loss-free load balancing (DeepSeek-V3, arXiv 2412.19437; Wang et al., arXiv 2408.15664):
+    each layer keeps a per-expert bias that is added to the router scores for *choosing* experts only (the
+    combine weights come from the unbiased scores, so the loss function is unchanged). After every optimizer
+    step each bias moves by this rate towards balance: -rate for an expert that got more than the mean load,
+    +rate for one that got less. 0 turns it off (DeepSeek-V3 used 0.001 with aux_loss_coeff ~0)."""
+    router_lr_mult: float = 1.0
+    """Learning rate of the router weights as a multiple of the schedule's lr (a freshly upcycled router
+    starts from noise while the experts are trained copies; a larger router lr lets routing settle first)."""
+    expert_lr_mult: float = 1.0
+    """Learning rate of the expert weights as a multiple of the schedule's lr."""
 
     def __post_init__(self) -> None:
         _positive(self, "num_experts", "top_k", "granularity")
+        for name, kind in (("router_order", RouterOrder), ("aux_loss_scope", AuxLossScope)):
+            if getattr(self, name) not in get_args(kind):
+                raise ConfigError(f"MoEConfig.{name}={getattr(self, name)!r} is not valid; choose one of "
+                                  f"{list(get_args(kind))}")
+        if not self.bias_update_rate >= 0:
+            raise ConfigError(f"MoEConfig.bias_update_rate={self.bias_update_rate} must be >= 0 (0 turns the "
+                              f"auxiliary-loss-free balancer off)")
+        for name in ("router_lr_mult", "expert_lr_mult"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"MoEConfig.{name}={getattr(self, name)} must be > 0 (a multiple of the lr)")
         if self.top_k > self.num_experts:
             raise ConfigError(
                 f"MoEConfig.top_k={self.top_k} exceeds num_experts={self.num_experts}; top_k must be "

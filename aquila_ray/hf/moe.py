@@ -42,6 +42,9 @@ def _moe_fits(bias: bool, needs_renormalized: bool):  # type: ignore[no-untyped-
             return "the model is dense"
         if cfg.qkv_bias != bias:
             return f"qkv_bias={cfg.qkv_bias} (this architecture has qkv bias={bias})"
+        if cfg.moe.bias_update_rate > 0:
+            return (f"the routers carry a load-balancing selection bias (MoEConfig.bias_update_rate="
+                    f"{cfg.moe.bias_update_rate}), which this architecture's routing has no place for")
         if needs_renormalized and not _renormalized(cfg):
             return ("routing is softmax_then_topk without renormalization; Mixtral always renormalizes "
                     "(export as qwen2_moe, which has norm_topk_prob=false)")

@@ -99,7 +99,11 @@ class RouterStats:
     z_loss: torch.Tensor
     tokens_per_expert: torch.Tensor
     """(E,) number of token assignments each expert received (after any capacity dropping)."""
-    dropped_tokens: int = 0
+    dropped_tokens: torch.Tensor
+    """() assignments (token, expert pairs) the capacity limit dropped; a tensor, so reading it is the
+    caller's choice of when to synchronize with the device."""
+    entropy: torch.Tensor
+    """() mean per-token entropy of the router's softmax, in nats (no gradient)."""
 
 
 def build_mlp(cfg: ModelConfig, layer_idx: int) -> nn.Module:

@@ -109,8 +109,8 @@ def all_to_all(x: torch.Tensor, out_splits: list[int], in_splits: list[int], gro
     return _AllToAll.apply(x, out_splits, in_splits, group)  # type: ignore[no-any-return]
 
 
-ExpertsFn = Callable[[torch.Tensor, list[int]], torch.Tensor]
-"""Runs the local experts: rows sorted by local expert, and the row count of each local expert."""
+ExpertsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+"""Runs the local experts: rows sorted by local expert, and the (E_l,) row count of each local expert."""
 
 
 @dataclass
@@ -119,8 +119,8 @@ class Dispatched:
     """Combined output per token."""
     tokens_per_expert_E: torch.Tensor
     """(E,) assignments from this rank's tokens that each global expert processed (after dropping)."""
-    dropped: int
-    """Assignments (token, expert pairs) dropped by the capacity limit."""
+    dropped_assignments: torch.Tensor
+    """() assignments (token, expert pairs) dropped by the capacity limit."""
 
 
 def capacity(num_tokens: int, cfg_top_k: int, num_experts: int, capacity_factor: float | None) -> int | None:
@@ -133,7 +133,9 @@ def capacity(num_tokens: int, cfg_top_k: int, num_experts: int, capacity_factor:
 def dispatch_combine(x_ND: torch.Tensor, expert_idx_Nk: torch.Tensor, weight_Nk: torch.Tensor,
                      num_experts: int, run_experts: ExpertsFn, ep: ExpertParallel,
                      capacity_per_expert: int | None = None) -> Dispatched:
-    """Send each token to its k experts (local or over the EP group), run them, and combine."""
+    """Send each token to its k experts (local or over the EP group), run them, and combine. Dropless on
+    one device nothing here waits for the device (no ``.item()``, no data-dependent shape); the capacity
+    limit and the expert-parallel exchange need the counts on the host."""
     N, k = expert_idx_Nk.shape
     flat_e_A = expert_idx_Nk.reshape(-1)
     order_A = torch.argsort(flat_e_A, stable=True)
@@ -141,25 +143,24 @@ def dispatch_combine(x_ND: torch.Tensor, expert_idx_Nk: torch.Tensor, weight_Nk:
     token_A = order_A // k
     w_A = weight_Nk.reshape(-1)[order_A]
     counts_E = torch.bincount(flat_e_A, minlength=num_experts)
-    dropped = 0
+    dropped = counts_E.new_zeros(())
     if capacity_per_expert is not None:
         starts_E = torch.cumsum(counts_E, 0) - counts_E
         position_A = torch.arange(e_sorted_A.numel(), device=x_ND.device) - starts_E[e_sorted_A]
         keep_A = position_A < capacity_per_expert
-        dropped = int((~keep_A).sum())
-        if dropped:
-            token_A, w_A = token_A[keep_A], w_A[keep_A]
-            counts_E = counts_E.clamp(max=capacity_per_expert)
+        token_A, w_A = token_A[keep_A], w_A[keep_A]
+        dropped = (~keep_A).sum()
+        counts_E = counts_E.clamp(max=capacity_per_expert)
     xs_AD = x_ND[token_A]
 
     if ep.size == 1:
-        out_AD = run_experts(xs_AD, counts_E.tolist())
+        out_AD = run_experts(xs_AD, counts_E)
     else:
         out_AD = _exchange_and_run(xs_AD, counts_E, run_experts, ep)
 
     y_ND = torch.zeros_like(x_ND)
     y_ND.index_add_(0, token_A, out_AD * w_A.to(out_AD.dtype).unsqueeze(-1))
-    return Dispatched(y_ND=y_ND, tokens_per_expert_E=counts_E, dropped=dropped)
+    return Dispatched(y_ND=y_ND, tokens_per_expert_E=counts_E, dropped_assignments=dropped)
 
 
 def _exchange_and_run(xs_AD: torch.Tensor, counts_E: torch.Tensor, run_experts: ExpertsFn,
@@ -179,7 +180,7 @@ def _exchange_and_run(xs_AD: torch.Tensor, counts_E: torch.Tensor, run_experts: 
     local_id_B = torch.repeat_interleave(torch.arange(E_l, device=xs_AD.device).repeat(ep.size),
                                          recv_RL.reshape(-1))
     perm_B = torch.argsort(local_id_B, stable=True)
-    out_sorted = run_experts(xr_BD[perm_B], recv_RL.sum(0).tolist())
+    out_sorted = run_experts(xr_BD[perm_B], recv_RL.sum(0))
     out_BD = torch.empty_like(out_sorted).index_copy(0, perm_B, out_sorted)  # back to (source rank, expert)
     return all_to_all(out_BD, send_splits, recv_splits, ep.group)
 

@@ -35,7 +35,7 @@ from typing import Any
 import torch
 import torch.distributed.checkpoint as dcp
 from safetensors import safe_open
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from torch.distributed.checkpoint import HuggingFaceStorageReader, HuggingFaceStorageWriter
 from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex, TensorProperties
 from torch.distributed.checkpoint.planner import TensorWriteData, WriteItem, WriteItemType
@@ -49,6 +49,7 @@ from aquila_ray.errors import CheckpointError
 STATE_DIR = "state"
 TRAINER_STATE_NAME = "trainer_state.json"
 TRAIN_CONFIG_NAME = "train_config.json"
+BUFFERS_NAME = "buffers.safetensors"
 WEIGHT, ADAM_KEYS = "weight", ("exp_avg", "exp_avg_sq")
 STATE_KINDS = (WEIGHT, *ADAM_KEYS)
 SHARDING_KEY = "DCP_SHARDING_INFO"
@@ -119,7 +120,7 @@ def state_file_index(model_config: ModelConfig, world_size: int, file_bytes: int
     memory (to 2-3x ``file_bytes``), whatever the model size."""
     index: dict[str, int] = {}
     current, filled = 1, 0.0
-    for name, shape in sorted(_model_keys(model_config).items()):
+    for name, shape in sorted(_model_keys(model_config, buffers=False).items()):
         share = 4 * torch.Size(shape).numel() / world_size
         for kind in STATE_KINDS:
             if filled and filled + share > file_bytes:
@@ -213,6 +214,37 @@ def read_rng(directory: str | Path, rank: int, same_world_size: bool) -> torch.T
     return load_file(str(path))["torch_cpu"] if path.is_file() else None
 
 
+def persistent_buffers(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The buffers that belong to the model checkpoint (in ``state_dict``), by name."""
+    state = model.state_dict(keep_vars=True)
+    return {name: b for name, b in model.named_buffers() if name in state}
+
+
+def save_buffers(directory: str | Path, model: torch.nn.Module) -> None:
+    """The model's persistent buffers (the routers' balancing biases: layers x experts floats, replicated on
+    every rank), written by rank 0 beside the state. Nothing when the model has none."""
+    buffers = {k: v.detach().cpu().contiguous() for k, v in persistent_buffers(model).items()}
+    if buffers:
+        save_file(buffers, str(Path(directory) / BUFFERS_NAME))
+
+
+@torch.no_grad()
+def load_buffers(directory: str | Path, model: torch.nn.Module) -> None:
+    """Restore what ``save_buffers`` wrote into ``model``'s persistent buffers (every rank reads the file)."""
+    wanted = persistent_buffers(model)
+    if not wanted:
+        return
+    path = Path(directory) / BUFFERS_NAME
+    saved = load_file(str(path)) if path.is_file() else {}
+    missing = sorted(set(wanted) - set(saved))
+    if missing:
+        raise CheckpointError(f"{directory} lacks the model buffers {missing[:3]} (of {len(missing)}) in "
+                              f"{BUFFERS_NAME}; was it saved by a model without them (e.g. "
+                              f"MoEConfig.bias_update_rate=0)?")
+    for name, t in wanted.items():
+        t.copy_(saved[name])
+
+
 def model_config_of(trainer_state: Mapping[str, Any]) -> ModelConfig:
     return from_dict(ModelConfig, trainer_state["model_config"])
 
@@ -221,10 +253,15 @@ def export_model(directory: str | Path, output: str | Path, max_shard_bytes: int
     """Write the model checkpoint (config.json + safetensors + index) of a sharded training checkpoint,
     consolidating one tensor at a time (memory: the largest tensor plus one output shard)."""
     cfg = model_config_of(read_trainer_state(directory))
-    shapes = _model_keys(cfg)
+    shapes = _model_keys(cfg, buffers=False)
     keys = [state_key(WEIGHT, name) for name in sorted(shapes)]
+    buffers = sorted(set(_model_keys(cfg)) - set(shapes))
     with atomic_directory(output) as tmp, CheckpointWriter(tmp, cfg, max_shard_bytes) as writer:
         for key, flat in iter_saved_tensors(directory, keys):
             name = key.split("/", 1)[1]
             writer.add(name, flat.reshape(shapes[name]))
+        if buffers:
+            saved = load_file(str(Path(directory) / BUFFERS_NAME))
+            for name in buffers:
+                writer.add(name, saved[name])
     return Path(output)

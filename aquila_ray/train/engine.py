@@ -35,6 +35,7 @@ from aquila_ray.train.parallelize import (
     build_moe_model,
     create_expert_parallel_groups,
     gather_expert_tensor,
+    is_expert_param_name,
     moe_param_groups,
     shard_experts,
 )
@@ -108,23 +109,27 @@ def _read_own_tensors(model: Aquila3, directory: str) -> None:
 
 
 def param_groups(model: nn.Module, weight_decay: float, ep_groups: Any = None) -> list[dict[str, Any]]:
-    """AdamW groups: decay on matrices and embeddings, none on norms and biases; MoE expert parameters in
-    separate groups (DeepSpeed reduces them over the expert-data-parallel group)."""
-    decay: list[nn.Parameter] = []
-    no_decay: list[nn.Parameter] = []
+    """AdamW groups: decay on matrices and embeddings, none on norms and biases; router and expert weights
+    in groups of their own when ``MoEConfig.router_lr_mult`` / ``expert_lr_mult`` differ from 1 (the group's
+    ``lr_mult``, applied by ``set_lr``); MoE expert parameters in separate groups under expert parallelism
+    (DeepSpeed reduces them over the expert-data-parallel group)."""
+    moe = getattr(model.config, "moe", None)
+    mults = {"router": moe.router_lr_mult, "experts": moe.expert_lr_mult} if moe is not None else {}
+    groups: dict[str, dict[str, Any]] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (decay if p.ndim >= 2 and not name.endswith("norm.weight") else no_decay).append(p)
-    groups: list[dict[str, Any]] = [
-        {"params": decay, "weight_decay": weight_decay, "name": "decay"},
-        {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"},
-    ]
-    groups = [g for g in groups if g["params"]]
+        decay = p.ndim >= 2 and not name.endswith("norm.weight")
+        part = ("router" if ".mlp.router." in name else "experts" if is_expert_param_name(name) else "")
+        mult = mults.get(part, 1.0)
+        key = ("decay" if decay else "no_decay") + (f".{part}" if mult != 1.0 else "")
+        group = groups.setdefault(key, {"params": [], "weight_decay": weight_decay if decay else 0.0, "name": key,
+                                        **({"lr_mult": mult} if mult != 1.0 else {})})
+        group["params"].append(p)
+    out = list(groups.values())
     if ep_groups is not None:
-
-        groups = moe_param_groups(model, groups, ep_groups)
-    return groups
+        out = moe_param_groups(model, out, ep_groups)
+    return out
 
 
 def effective_zero_stage(cfg: TrainConfig, world_size: int) -> int:
@@ -169,8 +174,9 @@ def build_engine(model: nn.Module, cfg: TrainConfig, micro_batch: int, grad_accu
 
 
 def set_lr(engine: Any, lr: float) -> None:
+    """The schedule's lr on every optimizer group, times the group's ``lr_mult`` (router, experts)."""
     for group in engine.optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_mult", 1.0)
 
 
 # ---- the rank's own training state (sharded checkpoints) ---------------------------------------------------

@@ -18,8 +18,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from aquila_ray.config.train import WandbConfig
 from aquila_ray.errors import DataError
+from aquila_ray.model.model import RouterStats
 
 log = logging.getLogger("aquila_ray.train")
 
@@ -40,6 +43,33 @@ def wandb_mode(cfg: WandbConfig) -> str:
     if os.environ.get("WANDB_MODE"):
         return os.environ["WANDB_MODE"]
     return "online" if os.environ.get("WANDB_API_KEY") else "offline"
+
+
+def router_telemetry(stats: list[RouterStats]) -> torch.Tensor:
+    """One micro-batch's routing, (L, E + 2) float64 on the CPU: per layer the assignments each expert
+    received, the router entropy, and the assignments dropped. Sums over micro-batches and ranks."""
+    return torch.stack([torch.cat([s.tokens_per_expert.detach().double().cpu(),
+                                   s.entropy.detach().double().cpu().reshape(1),
+                                   s.dropped_tokens.detach().double().cpu().reshape(1)]) for s in stats])
+
+
+def router_metrics(summed: torch.Tensor, micro_batches: int) -> dict[str, Any]:
+    """Step metrics from ``router_telemetry`` summed over ``micro_batches`` micro-batches (all ranks):
+    per layer the load imbalance (max / mean assignments), the mean router entropy (nats) and each
+    expert's assignments; overall the worst imbalance and the dropped assignments."""
+    row: dict[str, Any] = {}
+    imbalance = []
+    for layer, values in enumerate(summed.tolist()):
+        counts, entropy = values[:-2], values[-2]
+        mean = sum(counts) / len(counts)
+        imbalance.append(max(counts) / mean if mean > 0 else 0.0)
+        row[f"moe/layer{layer}/imbalance"] = imbalance[-1]
+        row[f"moe/layer{layer}/router_entropy"] = entropy / micro_batches
+        for e, c in enumerate(counts):
+            row[f"moe/layer{layer}/expert{e}_tokens"] = int(c)
+    row["moe/max_imbalance"] = max(imbalance)
+    row["moe/dropped_assignments"] = int(summed[:, -1].sum())
+    return row
 
 
 def format_console(row: dict[str, Any], total_steps: int) -> str:

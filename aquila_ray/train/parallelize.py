@@ -114,6 +114,15 @@ def moe_layers(model: nn.Module) -> Iterator[MoELayer]:
             yield m
 
 
+def balance_experts(model: nn.Module, load_LE: torch.Tensor) -> None:
+    """After an optimizer step: move every MoE layer's balancing bias (``MoEConfig.bias_update_rate > 0``)
+    from the step's load, layer l's row of ``load_LE`` (assignments per expert summed over all ranks and
+    micro-batches, so every rank applies the same update). No-op without the balancer."""
+    for layer, load_E in zip(moe_layers(model), load_LE, strict=True):
+        if layer.router.expert_bias is not None:
+            layer.router.update_bias(load_E)
+
+
 def shard_experts(model: nn.Module, ep: ExpertParallel) -> nn.Module:
     """Keep only ``ep``'s experts in every MoE layer of a model built with all of them (in place)."""
     for layer in moe_layers(model):
@@ -268,6 +277,7 @@ def moe_param_groups(model: nn.Module, groups: list[dict[str, Any]],
 
 __all__ = [
     "ExpertParallelGroups",
+    "balance_experts",
     "allreduce_gradients",
     "build_moe_model",
     "create_expert_parallel_groups",

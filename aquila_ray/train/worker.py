@@ -37,11 +37,13 @@ from aquila_ray.data.shards import read_manifest
 from aquila_ray.train.checkpointing import (
     TRAIN_CONFIG_NAME,
     TRAINER_STATE_NAME,
+    load_buffers,
     load_sharded_state,
     model_config_of,
     read_rng,
     read_trainer_state,
     rng_name,
+    save_buffers,
     save_sharded_state,
     state_file_index,
     write_json,
@@ -58,7 +60,8 @@ from aquila_ray.train.engine import (
     owned_state,
     set_lr,
 )
-from aquila_ray.train.metrics import MetricsLogger
+from aquila_ray.train.metrics import MetricsLogger, router_metrics, router_telemetry
+from aquila_ray.train.parallelize import balance_experts
 from aquila_ray.train.schedule import lr_at
 
 CPU_PEAK_FLOPS = 1e12
@@ -167,6 +170,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
         if resume_dir is not None and saved is not None:
             load_sharded_state(resume_dir, owned_state(engine, module))
+            load_buffers(resume_dir, module)
             finish_load(engine, module, int(saved["optimizer_step"]))
             state.update({k: saved[k] for k in state})
             rng = read_rng(resume_dir, dims.rank, saved.get("world_size") == dims.world_size)
@@ -200,7 +204,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                                    dims.world_size)
             x = torch.from_numpy(rows).to(device)
             sums = torch.zeros(3, dtype=torch.float64)  # loss, aux, z
-            load: torch.Tensor | None = None  # (L, E) tokens per expert
+            routers: torch.Tensor | None = None  # (L, E + 2): tokens per expert, entropy, dropped
             for m in range(grad_accum):
                 mb = x[m * cfg.micro_batch_size:(m + 1) * cfg.micro_batch_size]
                 out = engine(mb[:, :-1], labels=mb[:, 1:])
@@ -212,11 +216,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 if out.aux_loss is not None:
                     sums[1] += float(out.aux_loss.detach())
                     sums[2] += float(out.z_loss.detach())
-                    counts = torch.stack([s.tokens_per_expert.detach().float().cpu() for s in out.router_stats])
-                    load = counts if load is None else load + counts
+                    r = router_telemetry(out.router_stats)
+                    routers = r if routers is None else routers + r
             if not own_grad_norm:
                 grad_norm = engine.get_global_grad_norm()
-            packed = torch.cat([sums / grad_accum, (load.double().flatten() if load is not None
+            packed = torch.cat([sums / grad_accum, (routers.flatten() if routers is not None
                                                     else torch.zeros(0, dtype=torch.float64))])
             _all_reduce_sum(packed, dims.world_size)
             sample_hash = _sample_hash(idx, dims)
@@ -237,18 +241,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                                                                                   // len(train_data)),
                 "world_size": dims.world_size, "grad_accum": grad_accum, "sample_hash": sample_hash,
             }
-            if load is not None:
+            if routers is not None:
                 row["aux_loss"] = float(packed[1]) / dims.world_size
                 row["z_loss"] = float(packed[2]) / dims.world_size
-                tpe = packed[3:].reshape(load.shape)
-                imbalance = []
-                for layer, counts in enumerate(tpe.tolist()):
-                    mean = sum(counts) / len(counts)
-                    imbalance.append(max(counts) / mean if mean > 0 else 0.0)
-                    row[f"moe/layer{layer}/imbalance"] = imbalance[-1]
-                    for e, c in enumerate(counts):
-                        row[f"moe/layer{layer}/expert{e}_tokens"] = int(c)
-                row["moe/max_imbalance"] = max(imbalance)
+                load = packed[3:].reshape(routers.shape)
+                row.update(router_metrics(load, grad_accum * dims.world_size))
+                balance_experts(module, load[:, :-2])
             is_last = step == cfg.steps
             if val_data is not None and ((cfg.eval_every > 0 and step % cfg.eval_every == 0) or is_last):
                 row["val_loss"] = validation_loss(module, val_data, cfg, dims, device)
@@ -291,6 +289,7 @@ def _save_and_report(engine: Any, module: torch.nn.Module, cfg: TrainConfig, dim
             if writer is not None:
                 writer.close()
         if dims.rank == 0:
+            save_buffers(tmp, module)
             write_json(tmp / TRAINER_STATE_NAME, {
                 **state, "epoch": row["epoch"], "world_size": dims.world_size, "global_batch_sequences": batch,
                 "seed": cfg.seed, "data_position": int(state["consumed_samples"]),

@@ -47,7 +47,7 @@ def probe_logit_difference(dense_sd: dict[str, torch.Tensor], src: ModelConfig, 
         dense = _model(src, dense_sd)(tokens).logits
         out = _model(dst, moe_sd)(tokens)
     diff = (dense - out.logits).abs()
-    dropped = sum(s.dropped_tokens for s in out.router_stats)
+    dropped = int(sum(int(s.dropped_tokens) for s in out.router_stats))
     return {"tokens": [batch, seq_len], "seed": seed, "max_abs_logit_diff": diff.max().item(),
             "mean_abs_logit_diff": diff.mean().item(), "max_abs_dense_logit": dense.abs().max().item(),
             "dropped_assignments": dropped}

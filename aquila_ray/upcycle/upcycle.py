@@ -165,6 +165,8 @@ def upcycle_tensors(get: Callable[[str], torch.Tensor], dense_keys: Iterable[str
             raise ConfigError(f"the dense state dict lacks {missing}; is it an aquila-ray dense checkpoint?")
         dtype = get(p + "gate_proj.weight").dtype
         yield p + "router.weight", router_weight(layer, dst, options.seed).to(dtype)
+        if moe.bias_update_rate > 0:  # the auxiliary-loss-free balancer starts unbiased (exactly preserving)
+            yield p + "router.expert_bias", torch.zeros(moe.num_experts, dtype=torch.float32)
         gate, up, down = get(p + "gate_proj.weight"), get(p + "up_proj.weight"), get(p + "down_proj.weight")
         F, D = src.intermediate_size, src.hidden_size
         if gate.shape != (F, D) or up.shape != (F, D) or down.shape != (D, F):
@@ -182,7 +184,8 @@ def upcycle_state_dict(state_dict: Mapping[str, torch.Tensor], src: ModelConfig,
     moe = _moe(dst)
     n_exp = moe.num_experts if options.experts is None else len(options.experts)
     dense_mlp = sum(1 for k in state_dict if _MLP_KEY.match(k))
-    expected = len(state_dict) - dense_mlp + src.num_layers * (1 + 3 * n_exp)
+    router = 2 if moe.bias_update_rate > 0 else 1
+    expected = len(state_dict) - dense_mlp + src.num_layers * (router + 3 * n_exp)
     if len(out) != expected or dense_mlp != 3 * src.num_layers:
         raise ConfigError(f"upcycling produced {len(out)} tensors, expected {expected}")
     return out
