@@ -1,7 +1,8 @@
 """The whole EfficientScale recipe (AquilaMoE, arXiv 2408.06567) as one resumable job.
 
     python -m jobs.efficientscale --preset tiny --output runs/quickstart          # CPU, bundled sample corpus
-    python -m jobs.efficientscale --preset aquila3-efficientscale --output X --dry-run   # plan the seed's run
+    python -m jobs.efficientscale --preset aquila3-efficientscale --output X --dry-run \
+        --set data_dir=/mnt/shared/data --cluster cluster.yaml                   # plan the seed's run on a cluster
     python -m jobs.efficientscale --config recipe.yaml --output /mnt/shared/es1 --storage-path s3://B/runs
 
 Stages: data -> train_small -> scale_up -> train_large -> scale_out -> train_moe -> evaluate. Rerunning the
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+from pathlib import Path
 
 from jobs.common import base_parser, print_plan, run_main
 
@@ -32,6 +34,8 @@ def main(argv: list[str] | None = None) -> None:
                         "train_large, scale_out, train_moe, evaluate)")
     parser.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or a local one)")
     parser.add_argument("--local-tasks", action="store_true", help="run growth/upcycling/eval in this process")
+    parser.add_argument("--cluster", default=None, help="with --dry-run: a Ray cluster launcher YAML to check "
+                        "each stage against (GPUs, GPU memory, host memory per node)")
     args = parser.parse_args(argv)
     if args.local_tasks:
         from aquila_ray.pipeline.tasks import use_transform_env
@@ -48,8 +52,13 @@ def main(argv: list[str] | None = None) -> None:
     handler.setFormatter(logging.Formatter("[aquila-ray] %(message)s"))
     log.addHandler(handler)
     if args.dry_run:
+        cluster = None
+        if args.cluster:
+            import yaml
+
+            cluster = yaml.safe_load(Path(args.cluster).read_text())
         print_plan("recipe", to_dict(cfg))
-        print_plan("plan", plan_recipe(cfg))
+        print_plan("plan", plan_recipe(cfg, cluster=cluster))
         return
     report = run_efficientscale(cfg, args.output, storage_path=args.storage_path, run_name=args.run_name,
                                 until=args.until, ray_address=args.address, local_tasks=args.local_tasks)

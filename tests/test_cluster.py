@@ -27,14 +27,17 @@ import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from importlib.metadata import distribution
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
+from packaging.requirements import Requirement
 
 REPO = Path(__file__).resolve().parents[1]
 CLUSTER_YAML = REPO / "cluster.yaml"
+SMALL_YAML = REPO / "examples" / "cluster" / "cluster-small.yaml"
 PY = sys.executable
 RAY_BIN = str(Path(PY).with_name("ray"))
 
@@ -44,10 +47,10 @@ RAY_BIN = str(Path(PY).with_name("ray"))
 # --------------------------------------------------------------------------------------------------
 
 
-def _prepared_cluster_yaml() -> dict[str, Any]:
+def _prepared_cluster_yaml(path: Path = CLUSTER_YAML) -> dict[str, Any]:
     from ray.autoscaler._private.util import prepare_config, validate_config
 
-    raw = yaml.safe_load(CLUSTER_YAML.read_text())
+    raw = yaml.safe_load(path.read_text())
     config = prepare_config(raw)
     validate_config(config)
     return config
@@ -58,6 +61,99 @@ def test_cluster_yaml_passes_ray_validation() -> None:
     assert config["provider"]["type"] == "aws"
     assert set(config["available_node_types"]) == {"head", "gpu_8x", "cpu_32"}
     assert config["head_node_type"] == "head"
+    small = _prepared_cluster_yaml(SMALL_YAML)
+    assert set(small["available_node_types"]) == {"head", "gpu_8x"} and small["max_workers"] == 1
+
+
+def _aquila3_plan(cluster: dict[str, Any]) -> dict[str, Any]:
+    from aquila_ray.config.recipe import build_recipe_config
+    from aquila_ray.pipeline.efficientscale import plan_recipe
+
+    return plan_recipe(build_recipe_config("aquila3-efficientscale", None, ["data_dir=/mnt/shared/data"]),
+                       cluster=cluster)
+
+
+def test_cluster_yaml_runs_the_recipe_as_shipped() -> None:
+    """Every stage of the seed's recipe fits cluster.yaml: enough 8-GPU nodes within max_workers, the
+    planned memory per GPU within the instance's GPU memory, host memory per node within the node's."""
+    config = _prepared_cluster_yaml()
+    plan = _aquila3_plan(config)
+    fit = plan["cluster_fit"]
+    assert {stage: f["fits"] for stage, f in fit.items()} == {"train_small": True, "train_large": True,
+                                                              "train_moe": True}, fit
+    gpu = config["available_node_types"]["gpu_8x"]
+    assert gpu["max_workers"] * gpu["resources"]["GPU"] >= plan["train_moe"]["world_size"] == 256
+    node = gpu["node_config"]
+    assert node["InstanceType"] == "p5.48xlarge" and node["Placement"]["GroupName"]
+    cards = node["NetworkInterfaces"]
+    assert sorted(c["NetworkCardIndex"] for c in cards) == list(range(32))
+    assert {c["InterfaceType"] for c in cards} == {"efa"} and len({c["SubnetId"] for c in cards}) == 1
+    assert "," not in config["provider"]["availability_zone"]  # one zone: the placement group's
+    # spot GPU nodes, so every stage restarts without limit
+    assert node["InstanceMarketOptions"]["MarketType"] == "spot"
+    assert [plan[s]["max_failures"] for s in ("train_small", "train_large", "train_moe")] == [-1, -1, -1]
+
+
+def test_cluster_plan_table_is_the_plan() -> None:
+    """docs/cluster.md prints the seed's recipe plan; every number in its table is the plan's."""
+    plan = _aquila3_plan(_prepared_cluster_yaml())
+    text = (REPO / "docs" / "cluster.md").read_text()
+    rows = [line for line in text.splitlines() if line.startswith("| train_")]
+    assert [r.split("|")[1].strip() for r in rows] == ["train_small", "train_large", "train_moe"]
+    for row in rows:
+        cells = [c.strip() for c in row.split("|")[1:-1]]
+        p = plan[cells[0]]
+        ck = p["checkpoint"]
+        expected = [f"{p['world_size']} ({p['nodes']})", str(p["memory_per_gpu_gib"]["total"]),
+                    str(p["host_memory_per_node_gib"]), f"{ck['training_state_gib']} ({ck['per_node_gib']})",
+                    str(ck["save_seconds"]), str(ck["model_export_gib"]), str(ck["export_seconds"]),
+                    str(p["wall_clock_days"])]
+        assert cells[2:] == expected, cells[0]
+
+
+def test_cluster_fit_names_what_is_missing() -> None:
+    config = _prepared_cluster_yaml()
+    gpu = config["available_node_types"]["gpu_8x"]
+    gpu["max_workers"] = 16
+    gpu["node_config"]["InstanceType"] = "p4d.24xlarge"
+    fit = _aquila3_plan(config)["cluster_fit"]
+    assert not any(f["fits"] for f in fit.values())
+    assert "gpu_8x: needs 32 nodes of 8 GPUs for 256 workers, max_workers allows 16" in fit["train_moe"]["problems"]
+    assert any(re.match(r"gpu_8x: plans 4\d\.\d+ GiB per GPU, p4d.24xlarge has 40 GiB", p)
+               for p in fit["train_small"]["problems"]), fit["train_small"]
+
+
+def test_cluster_runtime_is_pinned() -> None:
+    """Every node installs exact versions: the lock pins each of aquila-ray's runtime requirements (and
+    boto3 for the autoscaler) with ==, and setup_commands install the lock, then the wheel without deps."""
+    lock = {}
+    for line in (REPO / "examples" / "cluster" / "requirements.lock").read_text().splitlines():
+        if line and not line.startswith("#"):
+            name, version = line.split("==")
+            lock[name.lower().replace("_", "-")] = version
+    runtime = [r for r in distribution("aquila-ray").requires or [] if "extra ==" not in r]
+    assert any(r.startswith("deepspeed") for r in runtime)
+    for text in [*runtime, "boto3"]:
+        req = Requirement(text)
+        name = req.name.lower().replace("_", "-")
+        assert name in lock, f"{name} is not pinned in requirements.lock"
+        assert req.specifier.contains(lock[name]), (name, lock[name], str(req.specifier))
+    for path in (CLUSTER_YAML, SMALL_YAML):
+        setup = " ".join(yaml.safe_load(path.read_text())["setup_commands"])
+        assert "pip install -r ~/aquila-ray-requirements.lock" in setup
+        assert "pip install --no-deps ~/aquila-ray-dist/aquila_ray-" in setup
+
+
+def test_small_cluster_fits_the_demo_gpu_job() -> None:
+    from aquila_ray.config.train import build_train_config
+    from aquila_ray.pipeline.plan import cluster_fit, stage_plan
+
+    cfg = build_train_config(REPO / "examples" / "cluster" / "train_demo_gpu.yaml")
+    s = cfg.scaling
+    plan = stage_plan(cfg.model, cfg.steps * cfg.global_batch_tokens, s.num_workers, s.zero_stage, s.expert_parallel,
+                      cfg.micro_batch_size, 256, cfg.activation_checkpointing)
+    fit = cluster_fit(_prepared_cluster_yaml(SMALL_YAML), {"demo": plan})["demo"]
+    assert fit == {"fits": True, "node_types": ["gpu_8x"], "problems": []}
 
 
 def test_cluster_yaml_node_types() -> None:
@@ -100,7 +196,7 @@ def test_cluster_yaml_security() -> None:
 
 
 # The data seq_len each example is written for (the prepare_data commands in its header).
-_EXAMPLE_SEQ_LEN = {"train_7b_stage1.yaml": 4096, "train_tiny_cpu.yaml": 32}
+_EXAMPLE_SEQ_LEN = {"train_7b_stage1.yaml": 4096, "train_tiny_cpu.yaml": 32, "train_demo_gpu.yaml": 256}
 
 
 def test_cluster_example_train_configs_build() -> None:

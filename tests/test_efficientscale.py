@@ -53,7 +53,10 @@ def test_plan_rejects_a_large_model_smaller_than_small() -> None:
 
 def test_aquila3_recipe_plan() -> None:
     """The seed's recipe: 7B -> 16B (AKI-Pro) -> 8x16B top-2, LR 1.2e-3 / 4e-4 / 1.5e-4, 12M / 12M / 24M tokens."""
-    plan = plan_recipe(build_recipe_config("aquila3-efficientscale"))
+    with pytest.raises(ConfigError, match=r"RecipeConfig.data_dir is not set, so this recipe would train dense: "
+                                          r"L=32 D=4096 .* on the bundled sample corpus"):
+        plan_recipe(build_recipe_config("aquila3-efficientscale"))
+    plan = plan_recipe(build_recipe_config("aquila3-efficientscale", None, ["data_dir=/data"]))
     small, large, moe = plan["train_small"], plan["train_large"], plan["train_moe"]
     assert 7.0e9 < small["parameters"] < 8.5e9
     assert 15e9 < large["parameters"] < 17e9
@@ -61,6 +64,8 @@ def test_aquila3_recipe_plan() -> None:
     assert [small["lr"], large["lr"], moe["lr"]] == [1.2e-3, 4e-4, 1.5e-4]
     assert [p["global_batch_tokens"] // 2**20 for p in (small, large, moe)] == [12, 12, 24]
     assert [p["tokens"] for p in (small, large, moe)] == [3.6e12, 1.2e12, 545e9]
+    for p in (small, large, moe):  # the steps the trainer runs give the planned tokens
+        assert abs(p["tokens_from_steps"] / p["tokens"] - 1) < 0.005 and abs(p["tokens_deviation"]) < 0.005
     assert plan["scale_up"]["method"] == "aki-pro" and moe["expert_parallel"] == 8
     assert plan["scale_out"]["moe"]["num_experts"] == 8 and plan["scale_out"]["moe"]["top_k"] == 2
     for p in (small, large, moe):  # memory per GPU under ZeRO-1 (+ EP for the MoE) is reported and plausible
@@ -73,9 +78,11 @@ def test_aquila3_recipe_plan() -> None:
 def test_dry_run_job_prints_the_plan(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     from jobs.efficientscale import main
 
-    main(["--preset", "aquila3-efficientscale", "--output", str(tmp_path / "x"), "--dry-run"])
+    main(["--preset", "aquila3-efficientscale", "--output", str(tmp_path / "x"), "--dry-run", "--set",
+          "data_dir=/data", "--cluster", str(Path(__file__).resolve().parents[1] / "cluster.yaml")])
     out = capsys.readouterr().out
     assert "== plan ==" in out and '"total_training_flops"' in out and "MoE 8x top-2" in out
+    assert '"cluster_fit"' in out and '"wall_clock_days"' in out
     assert not (tmp_path / "x").exists()  # a dry run writes nothing
 
 

@@ -57,6 +57,8 @@ class StageConfig:
     """Register a checkpoint with Ray Train every N steps (and at the end)."""
     activation_checkpointing: Literal["none", "full", "selective"] = "none"
     """TrainConfig.activation_checkpointing of the stage: none, full or selective."""
+    max_failures: int = 3
+    """Worker-group restarts Ray Train allows in this stage (-1: unlimited, for long stages on spot nodes)."""
 
     def __post_init__(self) -> None:
         for name in ("steps", "global_batch_tokens", "micro_batch_size", "num_workers", "expert_parallel"):
@@ -67,6 +69,9 @@ class StageConfig:
             raise ConfigError(f"StageConfig.lr={self.lr} must be > 0")
         if not 0 <= self.min_lr_ratio <= 1:
             raise ConfigError(f"StageConfig.min_lr_ratio={self.min_lr_ratio} must lie in [0, 1]")
+        if not isinstance(self.max_failures, int) or self.max_failures < -1:
+            raise ConfigError(f"StageConfig.max_failures={self.max_failures!r} must be an integer >= 0, or -1 for "
+                              f"unlimited restarts")
         if self.zero_stage not in (0, 1, 2):
             raise ConfigError(f"StageConfig.zero_stage={self.zero_stage} is not valid; choose 0, 1 or 2")
         if self.activation_checkpointing not in ACTIVATION_CHECKPOINTING:
@@ -155,23 +160,26 @@ def aquila3_recipe() -> RecipeConfig:
     16B); activation checkpointing where 4k-context activations would not fit 80 GB: selective for 16B
     dense, full for 8x16B (docs/efficientscale.md, the memory plan)."""
     seq = 4096
+    small_batch, moe_batch = 12_582_912 // seq * seq, 25_165_824 // seq * seq
+    # steps x batch = the seed's token budgets (3.6T / 1.2T / 545B) to 1e-6; spot GPU nodes come and go over
+    # weeks, so every stage restarts without limit (from its last checkpoint)
     return RecipeConfig(
         small=get_preset("aquila3-7b"),
         large=get_preset("aquila3-16b"),
         growth=GrowthOptions(method="aki-pro"),
         moe=MoEConfig(num_experts=8, top_k=2, aux_loss_coeff=0.001, z_loss_coeff=0.01),
         upcycle="online",
-        stage_small=StageConfig(steps=300_000, lr=1.2e-3, global_batch_tokens=12_582_912 // seq * seq,
+        stage_small=StageConfig(steps=round(3.6e12 / small_batch), lr=1.2e-3, global_batch_tokens=small_batch,
                                 micro_batch_size=1, planned_tokens=3.6e12, num_workers=64, use_gpu=True,
-                                zero_stage=2, warmup_steps=2000, checkpoint_every=1000),
-        stage_large=StageConfig(steps=100_000, lr=4e-4, global_batch_tokens=12_582_912 // seq * seq,
+                                zero_stage=2, warmup_steps=2000, checkpoint_every=1000, max_failures=-1),
+        stage_large=StageConfig(steps=round(1.2e12 / small_batch), lr=4e-4, global_batch_tokens=small_batch,
                                 micro_batch_size=1, planned_tokens=1.2e12, num_workers=128, use_gpu=True,
                                 zero_stage=2, activation_checkpointing="selective", warmup_steps=1000,
-                                checkpoint_every=1000),
-        stage_moe=StageConfig(steps=22_700, lr=1.5e-4, global_batch_tokens=25_165_824 // seq * seq,
+                                checkpoint_every=1000, max_failures=-1),
+        stage_moe=StageConfig(steps=round(545e9 / moe_batch), lr=1.5e-4, global_batch_tokens=moe_batch,
                               micro_batch_size=1, planned_tokens=545e9, num_workers=256, use_gpu=True,
                               zero_stage=2, expert_parallel=8, activation_checkpointing="full", warmup_steps=500,
-                              checkpoint_every=500),
+                              checkpoint_every=500, max_failures=-1),
         eval_tasks=None,
     )
 

@@ -348,7 +348,7 @@ def stage_train_config(stage: Any, model: ModelConfig, data_dir: str, *, init: s
                        init_from: str | None = None, seed: int = 0, data_start: int = 0,
                        wandb_project: str = "aquila-ray", wandb_group: str | None = None) -> TrainConfig:
     """The TrainConfig of one EfficientScale stage (``aquila_ray.config.recipe.StageConfig``: steps, lr,
-    schedule, batch, workers, ZeRO stage, expert parallelism, eval and checkpoint frequency)."""
+    schedule, batch, workers, ZeRO stage, expert parallelism, restarts, eval and checkpoint frequency)."""
     return TrainConfig(
         model=model, data_dir=data_dir, init=init, init_from=init_from, steps=stage.steps,  # type: ignore[arg-type]
         data_start=data_start,
@@ -358,7 +358,7 @@ def stage_train_config(stage: Any, model: ModelConfig, data_dir: str, *, init: s
                                 min_lr_ratio=stage.min_lr_ratio),
         checkpoint=CheckpointingConfig(every=stage.checkpoint_every),
         scaling=ScalingOptions(num_workers=stage.num_workers, use_gpu=stage.use_gpu, zero_stage=stage.zero_stage,
-                               expert_parallel=stage.expert_parallel),
+                               expert_parallel=stage.expert_parallel, max_failures=stage.max_failures),
         wandb=WandbConfig(project=wandb_project, group=wandb_group),
         eval_every=stage.eval_every, activation_checkpointing=stage.activation_checkpointing,
     )

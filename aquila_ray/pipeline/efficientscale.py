@@ -30,7 +30,7 @@ from aquila_ray.config.recipe import RecipeConfig, StageConfig
 from aquila_ray.config.train import stage_train_config
 from aquila_ray.errors import ConfigError
 from aquila_ray.eval import SAMPLE_TASKS
-from aquila_ray.pipeline.plan import stage_plan
+from aquila_ray.pipeline.plan import PlanAssumptions, cluster_fit, stage_plan
 from aquila_ray.pipeline.report import build_report, plot_loss_vs_flops
 from aquila_ray.pipeline.stages import Stage, run_stages, stage_dir
 from aquila_ray.train.metrics import read_metrics
@@ -40,6 +40,8 @@ log = logging.getLogger("aquila_ray.pipeline")
 
 STAGE_NAMES = ("data", "train_small", "scale_up", "train_large", "scale_out", "train_moe", "evaluate")
 TRAIN_STAGES = {"train_small": "stage_small", "train_large": "stage_large", "train_moe": "stage_moe"}
+SAMPLE_CORPUS_MAX_PARAMS = 1_000_000_000
+"""A recipe whose dense models reach this size must name its data (the sample corpus is for toy models)."""
 REPORT_NAME = "report.json"
 PLOT_NAME = "loss_vs_flops.png"
 # what a stage's exported model keeps of Ray Train's checkpoint (no optimizer state: the next stage starts fresh)
@@ -83,15 +85,24 @@ def growth_config(cfg: RecipeConfig) -> GrowthConfig:
     return GrowthConfig(method=g.method, depth_mode=g.depth_mode, norm_mode=g.norm_mode, map=g.map, seed=cfg.seed)
 
 
-def plan_recipe(cfg: RecipeConfig, seq_len: int | None = None, vocab_size: int | None = None) -> dict[str, Any]:
-    """Per stage: parameters, active parameters, FLOPs per token, tokens, memory per GPU under the stage's
-    ZeRO stage and expert parallelism; per transform: what it does. Validates the whole recipe."""
+def plan_recipe(cfg: RecipeConfig, seq_len: int | None = None, vocab_size: int | None = None,
+                cluster: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Per stage: parameters, active parameters, FLOPs per token, tokens (planned and steps x batch), memory
+    per GPU under the stage's ZeRO stage, expert parallelism and activation checkpointing, host memory per
+    node, checkpoint size and save time, wall-clock (under ``PlanAssumptions``); per transform: what it
+    does; with ``cluster`` (a cluster.yaml dict) whether each stage fits it. Validates the whole recipe."""
     from aquila_ray.growth import make_plan
     from aquila_ray.upcycle import exactly_preserving
 
     models = resolve_models(cfg, vocab_size)
+    big = [m.describe() for m in (models.small, models.large) if m.num_params() >= SAMPLE_CORPUS_MAX_PARAMS]
+    if cfg.data_dir is None and big:
+        raise ConfigError(f"RecipeConfig.data_dir is not set, so this recipe would train {big[0]} on the bundled "
+                          f"sample corpus (under a million tokens in 128-token sequences, for toy models): set "
+                          f"data_dir to a prepared data set (python -m jobs.prepare_data) with --set data_dir=DIR")
     out: dict[str, Any] = {"stages": STAGE_NAMES,
-                           "data": cfg.data_dir or "prepare_data on the bundled sample corpus -> DIR/data"}
+                           "data": cfg.data_dir or "prepare_data on the bundled sample corpus -> DIR/data",
+                           "assumptions": dataclasses.asdict(PlanAssumptions())}
     total = 0.0
     for name, model in (("train_small", models.small), ("train_large", models.large), ("train_moe", models.moe)):
         st: StageConfig = getattr(cfg, TRAIN_STAGES[name])
@@ -103,6 +114,8 @@ def plan_recipe(cfg: RecipeConfig, seq_len: int | None = None, vocab_size: int |
                        st.expert_parallel if model.moe is not None else 1, st.micro_batch_size, s,
                        st.activation_checkpointing)
         p.update(steps=st.steps, lr=st.lr, global_batch_tokens=st.global_batch_tokens,
+                 tokens_from_steps=st.steps * st.global_batch_tokens, max_failures=st.max_failures,
+                 tokens_deviation=round(st.steps * st.global_batch_tokens / st.tokens() - 1, 6),
                  init={"train_small": "scratch", "train_large": "checkpoint: scale_up",
                        "train_moe": "upcycle (online)" if cfg.upcycle == "online" else "checkpoint: scale_out"}[name])
         total += p["total_flops"]
@@ -116,6 +129,8 @@ def plan_recipe(cfg: RecipeConfig, seq_len: int | None = None, vocab_size: int |
     out["evaluate"] = {"checkpoints": ["train_small", "train_large", "train_moe"],
                        "validation_max_sequences": cfg.eval_max_sequences, "tasks": cfg.eval_tasks}
     out["total_training_flops"] = total
+    if cluster is not None:
+        out["cluster_fit"] = cluster_fit(cluster, {name: out[name] for name in TRAIN_STAGES})
     return out
 
 
