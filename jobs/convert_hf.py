@@ -1,7 +1,7 @@
 """Convert between aquila-ray checkpoints and Hugging Face models.
 
     python -m jobs.convert_hf from-hf HF_DIR CKPT     # Qwen2 / Llama (and MoE: Qwen2-MoE / Mixtral) -> ours
-    python -m jobs.convert_hf to-hf CKPT HF_DIR       # ours -> loadable by transformers.AutoModelForCausalLM
+    python -m jobs.convert_hf to-hf CKPT HF_DIR       # ours -> transformers' AutoModelForCausalLM + AutoTokenizer
 """
 
 from __future__ import annotations
@@ -24,6 +24,8 @@ def main(argv: list[str] | None = None) -> None:
     dst.add_argument("ckpt")
     dst.add_argument("hf_dir")
     dst.add_argument("--arch", default=None, help="HF architecture (default: the first that fits)")
+    dst.add_argument("--tokenizer", default=None, help="a tokenizers tokenizer.json to write with the model "
+                     "(default: the one the checkpoint was trained with, which the trainer stores in it)")
     for p in (src, dst):
         p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                        help="cast weights (default: keep)")
@@ -46,7 +48,11 @@ def main(argv: list[str] | None = None) -> None:
             print_plan("to-hf", {"architecture": arch.architecture, "model": reader.config.describe(),
                                  "output": args.hf_dir})
             return
-        out = export_hf(args.ckpt, args.hf_dir, arch=args.arch, dtype=args.dtype, max_shard_bytes=shard)
+        out = export_hf(args.ckpt, args.hf_dir, arch=args.arch, dtype=args.dtype, max_shard_bytes=shard,
+                        tokenizer=args.tokenizer)
+        if not (out / "tokenizer.json").is_file():
+            print(f"note: {args.ckpt} carries no tokenizer; AutoTokenizer needs one: rerun with --tokenizer "
+                  f"DATA_DIR/tokenizer.json")
     print(f"wrote {out} ({arch.architecture})")
 
 

@@ -175,8 +175,17 @@ def test_report_files_and_stage_outputs(run: dict[str, Any]) -> None:
     moe = aquila_ray.load_model(root / "stages" / "train_moe" / "final")
     assert moe.config.moe is not None and moe.config.moe.num_experts == 8
     assert moe(torch.tensor([[1, 2, 3]])).logits.shape == (1, 3, moe.config.vocab_size)
-    # a stage's exported model holds no optimizer state
+    # a stage's exported model holds no optimizer state, and carries the data's tokenizer: exported to
+    # Hugging Face (Qwen2-MoE) it opens with AutoTokenizer as is
     assert not list((root / "stages" / "train_small" / "final").glob("optimizer*"))
+    final = root / "stages" / "train_moe" / "final"
+    assert (final / "tokenizer.json").read_bytes() == (root / "data" / "tokenizer.json").read_bytes()
+    transformers = pytest.importorskip("transformers")
+    from aquila_ray.hf import export_hf
+
+    hf_tok = transformers.AutoTokenizer.from_pretrained(export_hf(final, root.parent / "moe-hf"))
+    eos = json.loads((root / "data" / "manifest.json").read_text())["eos_token_id"]
+    assert hf_tok.eos_token_id == eos and hf_tok("中文 and English")["input_ids"]
     # all stages log to one W&B group: the run's name
     for stage in ("train_small", "train_large", "train_moe"):
         cfg_text = (root / "runs" / f"tinyrun.{stage}" / "train_config.yaml").read_text()

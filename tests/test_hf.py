@@ -109,3 +109,33 @@ def test_convert_job_cli(tmp_path: Path) -> None:
     assert json.loads((tmp_path / "hf2" / "config.json").read_text())["torch_dtype"] == "bfloat16"
     bad = subprocess.run([*run, "to-hf", str(tmp_path / "nope"), str(tmp_path / "x")], capture_output=True, text=True)
     assert bad.returncode == 2 and "CheckpointError" in bad.stderr and "does not exist" in bad.stderr
+
+
+def test_export_writes_the_tokenizer_autotokenizer_opens(tmp_path: Path) -> None:
+    """to-hf writes tokenizer.json + tokenizer_config.json (eos, pad) from --tokenizer, or from the checkpoint
+    (the trainer stores its data's tokenizer there); AutoTokenizer then encodes exactly as ours."""
+    from tokenizers import Tokenizer
+
+    from aquila_ray.hf.tokenizer import write_hf_tokenizer
+    from data_pipeline.config import TokenizerConfig
+    from data_pipeline.tokenizer import save_tokenizer, train_tokenizer
+
+    text = (Path(torch.__file__).parent / "functional.py").read_text()[:40_000].splitlines()  # real prose + code
+    tok = train_tokenizer(text, TokenizerConfig(vocab_size=400))
+    save_tokenizer(tok, tmp_path / "tokenizer.json")
+    _random_qwen2(4, 2, False).save_pretrained(tmp_path / "hf")
+    import_hf(tmp_path / "hf", tmp_path / "ck")
+    export_hf(tmp_path / "ck", tmp_path / "hf2", tokenizer=tmp_path / "tokenizer.json")
+    hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf2")
+    sample = "def forward(self, x): return torch.relu(x)  # 中文 too"
+    assert hf_tok(sample)["input_ids"] == Tokenizer.from_file(str(tmp_path / "tokenizer.json")).encode(sample).ids
+    assert (hf_tok.eos_token, hf_tok.pad_token) == ("<|endoftext|>", "<|pad|>")
+    config = json.loads((tmp_path / "hf2" / "config.json").read_text())
+    assert (config["eos_token_id"], config["pad_token_id"]) == (hf_tok.eos_token_id, hf_tok.pad_token_id) == (0, 1)
+    # carried by the checkpoint (what the trainer writes): exported without --tokenizer
+    write_hf_tokenizer(tmp_path / "tokenizer.json", tmp_path / "ck", 64, eos_token_id=0)
+    export_hf(tmp_path / "ck", tmp_path / "hf3")
+    carried = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf3")
+    assert carried(sample)["input_ids"] == hf_tok(sample)["input_ids"]
+    with pytest.raises(ConversionError, match="is not a tokenizers tokenizer.json"):
+        export_hf(tmp_path / "ck", tmp_path / "hf4", tokenizer=tmp_path / "hf2" / "config.json")

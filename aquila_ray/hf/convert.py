@@ -13,12 +13,14 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
+from tokenizers import Tokenizer
 
 from aquila_ray.checkpoint import CheckpointReader, CheckpointWriter, atomic_directory
 from aquila_ray.checkpoint.io import DEFAULT_SHARD_BYTES, PICKLE_SUFFIXES, _check_keys, _model_keys
 from aquila_ray.config import ModelConfig, apply_overrides, from_dict
 from aquila_ray.errors import ConfigError, ConversionError
 from aquila_ray.hf.architectures import ARCHITECTURES, HFArchitecture
+from aquila_ray.hf.tokenizer import TOKENIZER_CONFIG_NAME, TOKENIZER_NAME, write_hf_tokenizer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -75,15 +77,30 @@ def hf_config(cfg: ModelConfig, arch: HFArchitecture, dtype: torch.dtype) -> dic
 
 
 def export_hf(ckpt_dir: str | Path, hf_dir: str | Path, arch: str | None = None, dtype: str | None = None,
-              max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> Path:
-    """Write ``hf_dir`` (config.json + safetensors) from our checkpoint; returns hf_dir."""
+              max_shard_bytes: int = DEFAULT_SHARD_BYTES, tokenizer: str | Path | None = None) -> Path:
+    """Write ``hf_dir`` (config.json + safetensors, and the tokenizer files) from our checkpoint; returns
+    hf_dir. The tokenizer: ``tokenizer`` (a tokenizers ``tokenizer.json``), else the one the checkpoint
+    carries (the trainer puts its data's tokenizer into every checkpoint), else none (AutoTokenizer then
+    needs ``tokenizer``)."""
     reader = CheckpointReader(ckpt_dir)
     reader.check_matches_config()
     cfg = reader.config
     spec = pick_architecture(cfg, arch)
     out_dtype = _dtype(dtype) or reader.get(reader.keys()[0]).dtype
+    carried = Path(ckpt_dir) / TOKENIZER_NAME
+    source = Path(tokenizer) if tokenizer is not None else carried if carried.is_file() else None
+    eos_id = None
+    if tokenizer is None and (Path(ckpt_dir) / TOKENIZER_CONFIG_NAME).is_file():  # keep the trainer's eos choice
+        eos = json.loads((Path(ckpt_dir) / TOKENIZER_CONFIG_NAME).read_text()).get("eos_token")
+        eos_id = Tokenizer.from_file(str(carried)).token_to_id(eos) if eos else None
+    config = hf_config(cfg, spec, out_dtype)
     with atomic_directory(hf_dir) as tmp:
-        with CheckpointWriter(tmp, hf_config(cfg, spec, out_dtype), max_shard_bytes) as writer:
+        if source is not None:
+            special = write_hf_tokenizer(source, tmp, cfg.max_seq_len, eos_id)
+            ids = Tokenizer.from_file(str(tmp / TOKENIZER_NAME))
+            config.update(eos_token_id=ids.token_to_id(special["eos_token"]),
+                          pad_token_id=ids.token_to_id(special["pad_token"]))
+        with CheckpointWriter(tmp, config, max_shard_bytes) as writer:
             for key in sorted(reader.keys()):
                 writer.add(spec.keys.to_hf(key), reader.get(key).to(out_dtype))
             for key, tensor in spec.export_tensors(cfg, out_dtype).items():

@@ -46,6 +46,7 @@ REPORT_NAME = "report.json"
 PLOT_NAME = "loss_vs_flops.png"
 # what a stage's exported model keeps of Ray Train's checkpoint (no optimizer state: the next stage starts fresh)
 _KEEP = ("config.json", "model.safetensors.index.json", "trainer_state.json")
+_KEEP_IF_PRESENT = ("tokenizer.json", "tokenizer_config.json")  # the data's tokenizer (real data sets have one)
 
 
 @dataclass(frozen=True)
@@ -152,6 +153,7 @@ def export_model(checkpoint: Any, dst: Path) -> Path:
     fs, root = checkpoint.filesystem, checkpoint.path
     index = json.loads(fs.open_input_file(f"{root}/model.safetensors.index.json").read())
     names = sorted(set(index["weight_map"].values())) + [n for n in _KEEP]
+    names += [n for n in _KEEP_IF_PRESENT if fs.get_file_info(f"{root}/{n}").type == pafs.FileType.File]
     with atomic_directory(dst) as tmp:
         for name in names:
             pafs.copy_files(f"{root}/{name}", str(tmp / name), source_filesystem=fs,

@@ -28,6 +28,7 @@ the metadata in JSON headers, so nothing is unpickled (docs/training.md, "Checkp
 from __future__ import annotations
 
 import json
+import shutil
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -50,6 +51,7 @@ STATE_DIR = "state"
 TRAINER_STATE_NAME = "trainer_state.json"
 TRAIN_CONFIG_NAME = "train_config.json"
 BUFFERS_NAME = "buffers.safetensors"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 WEIGHT, ADAM_KEYS = "weight", ("exp_avg", "exp_avg_sq")
 STATE_KINDS = (WEIGHT, *ADAM_KEYS)
 SHARDING_KEY = "DCP_SHARDING_INFO"
@@ -264,4 +266,7 @@ def export_model(directory: str | Path, output: str | Path, max_shard_bytes: int
             saved = load_file(str(Path(directory) / BUFFERS_NAME))
             for name in buffers:
                 writer.add(name, saved[name])
+        for name in TOKENIZER_FILES:  # the data's tokenizer, which the trainer stores in every checkpoint
+            if (Path(directory) / name).is_file():
+                shutil.copyfile(Path(directory) / name, tmp / name)
     return Path(output)

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow.fs as pafs
 import torch
 import torch.distributed as dist
 import torch.utils.deterministic
@@ -33,7 +34,8 @@ from aquila_ray.checkpoint import CheckpointWriter
 from aquila_ray.config.base import from_dict, to_dict
 from aquila_ray.config.train import TrainConfig
 from aquila_ray.data.dataset import TokenDataset, rank_batch
-from aquila_ray.data.shards import read_manifest
+from aquila_ray.data.shards import join_location, read_manifest, resolve_location
+from aquila_ray.hf.tokenizer import TOKENIZER_NAME, write_hf_tokenizer
 from aquila_ray.train.checkpointing import (
     TRAIN_CONFIG_NAME,
     TRAINER_STATE_NAME,
@@ -148,6 +150,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     train_data = TokenDataset(cfg.data_dir, "train", manifest, shuffle_window=cfg.data_shuffle_window, **reader)
     val_data = TokenDataset(cfg.data_dir, "validation", manifest, **reader) if cfg.eval_every >= 0 else None
     seq_len = manifest.seq_len
+    tokenizer = _data_tokenizer(cfg.data_dir) if dims.rank == 0 else None
     batch = cfg.batch_sequences(seq_len)
     per_rank = batch // dims.world_size
     grad_accum = per_rank // cfg.micro_batch_size
@@ -256,7 +259,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             if step % cfg.checkpoint.every == 0 or is_last:
                 export = is_last or bool(cfg.checkpoint.export_every and step % cfg.checkpoint.export_every == 0)
                 _save_and_report(engine, module, cfg, dims, ep, state, row, batch, export, Checkpoint,
-                                 ray.train.report, CheckpointUploadMode)
+                                 ray.train.report, CheckpointUploadMode, (tokenizer, manifest.eos_token_id))
         if logger is not None and last_row:
             print(f"[aquila-ray] {run_name}: done at step {step}", flush=True)
     finally:
@@ -264,12 +267,26 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             logger.close()
 
 
+def _data_tokenizer(data_dir: str) -> bytes | None:
+    """The data set's tokenizer.json (a few MB: bounded by the vocabulary), or None when it has none
+    (synthetic shards). Rank 0 puts it into every checkpoint, so a model carries the tokenizer it was
+    trained with."""
+    fs, base = resolve_location(data_dir)
+    path = str(join_location(base, TOKENIZER_NAME))
+    if fs.get_file_info(path).type != pafs.FileType.File:
+        return None
+    with fs.open_input_stream(path) as f:
+        return bytes(f.read())
+
+
 def _save_and_report(engine: Any, module: torch.nn.Module, cfg: TrainConfig, dims: ParallelDims, ep: Any,
                      state: dict[str, Any], row: dict[str, Any], batch: int, export: bool, checkpoint_cls: Any,
-                     report: Any, upload_mode: Any) -> None:
+                     report: Any, upload_mode: Any, tokenizer: tuple[bytes | None, int | None] = (None, None)
+                     ) -> None:
     """Every rank writes what it owns into its own directory and reports it; Ray Train merges the ranks'
     files into one checkpoint and registers it once all have uploaded (a half-written one is never seen).
-    Rank 0 adds the trainer state and, when ``export``, the model checkpoint streamed one tensor at a time.
+    Rank 0 adds the trainer state, the data's tokenizer (``tokenizer``: its bytes and EOS id; HF files) and,
+    when ``export``, the model checkpoint streamed one tensor at a time.
     With ``checkpoint.async_upload`` (not for the export) the upload runs in Ray Train's background thread,
     which deletes the local files after it."""
     metrics = {k: v for k, v in row.items() if isinstance(v, (int, float, str))}
@@ -290,6 +307,9 @@ def _save_and_report(engine: Any, module: torch.nn.Module, cfg: TrainConfig, dim
                 writer.close()
         if dims.rank == 0:
             save_buffers(tmp, module)
+            if tokenizer[0] is not None:
+                (tmp / TOKENIZER_NAME).write_bytes(tokenizer[0])
+                write_hf_tokenizer(tmp / TOKENIZER_NAME, tmp, cfg.model.max_seq_len, tokenizer[1])
             write_json(tmp / TRAINER_STATE_NAME, {
                 **state, "epoch": row["epoch"], "world_size": dims.world_size, "global_batch_sequences": batch,
                 "seed": cfg.seed, "data_position": int(state["consumed_samples"]),
