@@ -12,6 +12,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -143,6 +145,36 @@ def test_trainer_reads_the_shards_from_s3(run: Run) -> None:
         expected.append(col.flatten().to_numpy().reshape(len(col), m.seq_len + 1))
     every = np.arange(len(remote))[::-1]
     assert np.array_equal(remote.get(every), np.concatenate(expected)[every])
+
+
+def test_training_with_storage_on_s3_reports_its_curves(run: Run, s3: Any, tmp_path: Path) -> None:
+    """A run whose storage path is S3: rank 0 uploads its metric rows with every checkpoint and its W&B
+    directory at the end, so the driver reads the curve from S3 (rank 0's local directory is elsewhere),
+    and the checkpoint carries the data's tokenizer."""
+    from aquila_ray.config.train import build_train_config
+    from aquila_ray.train import run_training
+    from aquila_ray.train.metrics import read_run_metrics, read_wandb_history
+
+    name = f"s3-run-{uuid.uuid4().hex[:8]}"  # rank 0's local copy lives under ~/aquila_ray_runs/NAME
+    cfg = build_train_config({"model": "tiny", "data_dir": run.uri},
+                             ["global_batch_tokens=256", "micro_batch_size=4", "steps=3", "checkpoint.every=2",
+                              "eval_every=-1", "scaling.num_workers=1", "scaling.max_failures=0",
+                              "wandb.mode=offline"])
+    result = run_training(cfg, f"s3://{BUCKET}/runs", name)
+    assert result.run_dir == f"s3://{BUCKET}/runs/{name}"
+    rows = read_run_metrics(result.run_dir)
+    assert [r["step"] for r in rows] == [1, 2, 3] and result.metrics["step"] == 3
+    parts = s3.get_file_info(pafs.FileSelector(f"{BUCKET}/runs/{name}/metrics"))
+    assert sorted(i.base_name for i in parts) == ["steps-000000001-000000002.jsonl", "steps-000000003-000000003.jsonl"]
+    wandb_files = [i.path for i in s3.get_file_info(pafs.FileSelector(f"{BUCKET}/runs/{name}/wandb", recursive=True))
+                   if i.path.endswith(".wandb")]
+    assert len(wandb_files) == 1
+    local = tmp_path / "run.wandb"
+    local.write_bytes(s3.open_input_stream(wandb_files[0]).read())
+    assert [h["step"] for h in read_wandb_history(local)] == [1, 2, 3]
+    ckpt = result.checkpoint_path
+    assert s3.get_file_info(f"{ckpt}/tokenizer.json").is_file  # the data's tokenizer travels with the model
+    shutil.rmtree(Path.home() / "aquila_ray_runs" / name, ignore_errors=True)
 
 
 def test_rerun_on_s3_is_a_noop_and_a_crash_is_finished(run: Run, capsys: pytest.CaptureFixture[str]) -> None:

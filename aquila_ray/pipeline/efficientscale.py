@@ -18,7 +18,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,7 +32,7 @@ from aquila_ray.eval import SAMPLE_TASKS
 from aquila_ray.pipeline.plan import PlanAssumptions, cluster_fit, stage_plan
 from aquila_ray.pipeline.report import build_report, plot_loss_vs_flops
 from aquila_ray.pipeline.stages import Stage, run_stages, stage_dir
-from aquila_ray.train.metrics import read_metrics
+from aquila_ray.train.metrics import read_metrics, read_run_metrics
 from aquila_ray.upcycle import UpcycleOptions
 
 log = logging.getLogger("aquila_ray.pipeline")
@@ -250,9 +249,8 @@ class _Run:
         if result.checkpoint is None:
             raise ConfigError(f"stage {name}: Ray Train registered no checkpoint (run {result.run_dir})")
         final = export_model(result.checkpoint, d / "final")
-        if Path(result.metrics_path).is_file():
-            shutil.copyfile(result.metrics_path, d / "metrics.jsonl")
-        rows = read_metrics(d / "metrics.jsonl")
+        rows = read_run_metrics(result.run_dir)  # local, or the parts rank 0 uploaded to remote storage
+        (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
         return {"checkpoint": str(final), "model": model.describe(), "init": init, "init_from": init_from,
                 "data_start": start, "data_position": data_position(final),
                 "train_run": result.run_dir, "steps": rows[-1]["step"] if rows else None,

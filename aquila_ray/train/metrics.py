@@ -18,15 +18,19 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pyarrow.fs as pafs
 import torch
 
 from aquila_ray.config.train import WandbConfig
+from aquila_ray.data.shards import resolve_location
 from aquila_ray.errors import DataError
 from aquila_ray.model.model import RouterStats
 
 log = logging.getLogger("aquila_ray.train")
 
 METRICS_NAME = "metrics.jsonl"
+METRICS_PARTS = "metrics"
+"""Where rank 0 uploads its rows under a remote run directory (one file per checkpoint interval)."""
 
 
 def wandb_run_id(run_name: str) -> str:
@@ -85,11 +89,19 @@ def format_console(row: dict[str, Any], total_steps: int) -> str:
 
 class MetricsLogger:
     """Rank 0's sink for step rows. On resume, rows after the resumed step are dropped from metrics.jsonl
-    so the file always reads as one continuous curve."""
+    so the file always reads as one continuous curve.
+
+    With a remote storage path (``remote``: the run's directory there, e.g. ``s3://bucket/runs/name``) the
+    local file lives on rank 0's node, which the driver cannot read; ``upload`` (called with every
+    checkpoint) then writes the rows since the last upload to ``remote/metrics/steps-FIRST-LAST.jsonl``
+    through pyarrow's filesystem, and ``close`` copies the W&B directory to ``remote/wandb``.
+    ``read_run_metrics`` reads either layout back."""
 
     def __init__(self, log_dir: Path, run_name: str, wandb_cfg: WandbConfig, config: dict[str, Any],
-                 resume_step: int, total_steps: int, log_every: int) -> None:
+                 resume_step: int, total_steps: int, log_every: int, remote: str | None = None) -> None:
         self.path = log_dir / METRICS_NAME
+        self.log_dir, self.remote = log_dir, remote
+        self._pending: list[str] = []  # rows logged since the last upload (one checkpoint interval)
         self.total_steps, self.log_every = total_steps, log_every
         log_dir.mkdir(parents=True, exist_ok=True)
         self._truncate_after(resume_step)
@@ -117,18 +129,59 @@ class MetricsLogger:
     def log(self, row: dict[str, Any]) -> None:
         row = {"time": time.time(), **row}
         clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
-        self._file.write(json.dumps(clean) + "\n")
+        line = json.dumps(clean) + "\n"
+        self._file.write(line)
         self._file.flush()
+        if self.remote is not None:
+            self._pending.append(line)
         if self.run is not None:
             self.run.log({k: v for k, v in row.items() if isinstance(v, (int, float)) and k != "time"})
         if row["step"] % self.log_every == 0 or row["step"] == self.total_steps:
             print(format_console(row, self.total_steps), flush=True)
 
+    def upload(self) -> None:
+        """Write the rows logged since the last upload to the remote run directory (a no-op without one)."""
+        if self.remote is None or not self._pending:
+            return
+        first, last = (json.loads(self._pending[i])["step"] for i in (0, -1))
+        fs, base = resolve_location(self.remote)
+        fs.create_dir(f"{base}/{METRICS_PARTS}", recursive=True)
+        with fs.open_output_stream(f"{base}/{METRICS_PARTS}/steps-{first:09d}-{last:09d}.jsonl") as out:
+            out.write("".join(self._pending).encode("utf-8"))
+        self._pending = []
+
     def close(self) -> None:
         self._file.close()
+        self.upload()
         if self.run is not None:
             self.run.finish()
             self.run = None
+        local_wandb = self.log_dir / "wandb"
+        if self.remote is not None and local_wandb.is_dir():
+            fs, base = resolve_location(self.remote)
+            for entry in sorted(local_wandb.iterdir()):  # the run directories, not W&B's latest-run symlink
+                if not entry.is_symlink():
+                    pafs.copy_files(str(entry), f"{base}/wandb/{entry.name}",
+                                    source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+
+
+def read_run_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
+    """The metric rows of a run directory, local (``metrics.jsonl``) or on remote storage (the
+    ``metrics/`` parts rank 0 uploads with every checkpoint; a step in two parts, redone after a resume,
+    keeps the row of the part written last)."""
+    if "://" not in str(run_dir) and (Path(run_dir) / METRICS_NAME).is_file():
+        return read_metrics(Path(run_dir) / METRICS_NAME)
+    fs, base = resolve_location(run_dir)
+    listing = fs.get_file_info(pafs.FileSelector(f"{base}/{METRICS_PARTS}", allow_not_found=True))
+    by_step: dict[int, dict[str, Any]] = {}
+    parts = [i for i in listing if i.is_file and i.base_name.endswith(".jsonl")]
+    for info in sorted(parts, key=lambda i: (i.mtime_ns or 0, i.path)):  # written later wins
+        with fs.open_input_stream(info.path) as f:
+            for line in f.read().decode("utf-8").splitlines():
+                if line.strip():
+                    row = json.loads(line)
+                    by_step[int(row["step"])] = row
+    return [by_step[k] for k in sorted(by_step)]
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:

@@ -23,7 +23,7 @@ from aquila_ray.config.train import TrainConfig
 from aquila_ray.data.shards import Manifest, read_manifest
 from aquila_ray.errors import ConfigError, DataError
 from aquila_ray.pipeline.plan import activation_bytes
-from aquila_ray.train.metrics import METRICS_NAME, read_metrics
+from aquila_ray.train.metrics import METRICS_NAME, METRICS_PARTS, read_run_metrics
 
 RUN_CONFIG_NAME = "train_config.yaml"
 WANDB_ENV = ("WANDB_MODE", "WANDB_API_KEY", "WANDB_BASE_URL", "WANDB_ENTITY", "WANDB_PROJECT", "WANDB_DIR")
@@ -38,9 +38,11 @@ class TrainResult:
     metrics: dict[str, Any] = field(default_factory=dict)
     """The last row of metrics.jsonl."""
     metrics_path: str = ""
-    """The run's metrics.jsonl (one row per step)."""
+    """The run's metrics.jsonl (one row per step); on remote storage its ``metrics/`` parts (read them with
+    ``read_run_metrics(run_dir)``)."""
     run_dir: str = ""
-    """``storage_path/run_name``: Ray Train's checkpoints, metrics.jsonl, wandb/, train_config.yaml."""
+    """``storage_path/run_name``: Ray Train's checkpoints, metrics.jsonl (remote: metrics/), wandb/,
+    train_config.yaml (local storage)."""
     checkpoint: Any = None
     """The last registered ``ray.train.Checkpoint`` (its filesystem reaches object storage too)."""
 
@@ -162,7 +164,7 @@ def run_training(cfg: TrainConfig, storage_path: str | os.PathLike[str], run_nam
     if _is_local(storage):
         storage = str(Path(storage.removeprefix("file://")).expanduser().resolve())
         log_dir = Path(run_dir_for(storage, run_name))
-    else:  # remote storage: metrics and W&B files stay on the node of rank 0
+    else:  # remote storage: rank 0 writes metrics and W&B files on its node and uploads them to the run dir
         log_dir = Path.home() / "aquila_ray_runs" / run_name
     log_dir.mkdir(parents=True, exist_ok=True)
     (log_dir / RUN_CONFIG_NAME).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
@@ -184,12 +186,17 @@ def run_training(cfg: TrainConfig, storage_path: str | os.PathLike[str], run_nam
     )
     trainer = TorchTrainer(
         train_loop_per_worker, torch_config=TorchConfig(backend=process_group_backend(s.use_gpu)),
-        train_loop_config={"train": to_dict(cfg), "run_name": run_name, "log_dir": str(log_dir)},
+        train_loop_config={"train": to_dict(cfg), "run_name": run_name, "log_dir": str(log_dir),
+                           "remote_run_dir": None if _is_local(storage) else run_dir_for(storage, run_name)},
         scaling_config=scaling, run_config=run_config,
     )
     result = trainer.fit()
-    metrics_path = log_dir / METRICS_NAME
-    rows = read_metrics(metrics_path) if metrics_path.is_file() else []
+    if _is_local(storage):
+        metrics_path, run_dir = str(log_dir / METRICS_NAME), str(log_dir)
+    else:
+        run_dir = run_dir_for(storage, run_name)
+        metrics_path = f"{run_dir}/{METRICS_PARTS}"
+    rows = read_run_metrics(run_dir)
     return TrainResult(checkpoint_path=result.checkpoint.path if result.checkpoint is not None else None,
-                       metrics=rows[-1] if rows else dict(result.metrics or {}), metrics_path=str(metrics_path),
-                       run_dir=str(log_dir), checkpoint=result.checkpoint)
+                       metrics=rows[-1] if rows else dict(result.metrics or {}), metrics_path=metrics_path,
+                       run_dir=run_dir, checkpoint=result.checkpoint)

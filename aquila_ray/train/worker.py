@@ -127,7 +127,8 @@ def _grad_norm(module: torch.nn.Module) -> float:
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
-    """Ray Train's ``train_loop_per_worker``; ``config`` = {"train": TrainConfig dict, "run_name", "log_dir"}."""
+    """Ray Train's ``train_loop_per_worker``; ``config`` = {"train": TrainConfig dict, "run_name", "log_dir",
+    and "remote_run_dir" (the run's directory on remote storage, or None)}."""
     import ray.train
     from ray.train import Checkpoint, CheckpointUploadMode
 
@@ -185,7 +186,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     peak = cfg.peak_flops_per_worker or (GPU_PEAK_FLOPS if device.type == "cuda" else CPU_PEAK_FLOPS)
     logger = None
     if dims.rank == 0:
-        logger = MetricsLogger(log_dir, run_name, cfg.wandb, to_dict(cfg), start_step, cfg.steps, cfg.log_every)
+        logger = MetricsLogger(log_dir, run_name, cfg.wandb, to_dict(cfg), start_step, cfg.steps, cfg.log_every,
+                               remote=config.get("remote_run_dir"))
         print(f"[aquila-ray] {run_name}: {'resuming at step ' + str(start_step) if start_step else 'starting'} with "
               f"{dims.world_size} worker(s), global batch {batch} x {seq_len} tokens, grad accumulation "
               f"{grad_accum} x {cfg.micro_batch_size}, ZeRO stage {effective_zero_stage(cfg, dims.world_size)}",
@@ -258,6 +260,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             last_row = row
             if step % cfg.checkpoint.every == 0 or is_last:
                 export = is_last or bool(cfg.checkpoint.export_every and step % cfg.checkpoint.export_every == 0)
+                if logger is not None:  # the rows up to this checkpoint, to remote storage (before it registers)
+                    logger.upload()
                 _save_and_report(engine, module, cfg, dims, ep, state, row, batch, export, Checkpoint,
                                  ray.train.report, CheckpointUploadMode, (tokenizer, manifest.eos_token_id))
         if logger is not None and last_row:
