@@ -146,7 +146,7 @@ def test_cluster_runtime_is_pinned() -> None:
 
 def test_small_cluster_fits_the_demo_gpu_job() -> None:
     from aquila_ray.config.train import build_train_config
-    from aquila_ray.pipeline.plan import cluster_fit, stage_plan
+    from aquila_ray.plan import cluster_fit, stage_plan
 
     cfg = build_train_config(REPO / "examples" / "cluster" / "train_demo_gpu.yaml")
     s = cfg.scaling

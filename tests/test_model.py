@@ -96,8 +96,8 @@ def _saved_activation_bytes(model: torch.nn.Module, x: torch.Tensor) -> tuple[in
 @pytest.mark.parametrize("preset", ["tiny", "tiny-moe"])
 def test_activation_checkpointing_keeps_the_numbers_and_the_planned_memory(preset: str) -> None:
     """Every mode gives bit-identical loss and gradients; what the forward keeps is what the plan's formula
-    (aquila_ray.pipeline.plan.activation_bytes, fp32 here) says, within 20%."""
-    from aquila_ray.pipeline.plan import activation_bytes
+    (aquila_ray.plan.activation_bytes, fp32 here) says, within 20%."""
+    from aquila_ray.plan import activation_bytes
 
     cfg = apply_overrides(get_preset(preset), ["num_layers=4"])
     x = torch.randint(0, cfg.vocab_size, (4, 65), generator=torch.Generator().manual_seed(0))

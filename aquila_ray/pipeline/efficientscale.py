@@ -29,9 +29,9 @@ from aquila_ray.config.recipe import RecipeConfig, StageConfig
 from aquila_ray.config.train import stage_train_config
 from aquila_ray.errors import ConfigError
 from aquila_ray.eval import SAMPLE_TASKS
-from aquila_ray.pipeline.plan import PlanAssumptions, cluster_fit, stage_plan
 from aquila_ray.pipeline.report import build_report, plot_loss_vs_flops
 from aquila_ray.pipeline.stages import Stage, run_stages, stage_dir
+from aquila_ray.plan import PlanAssumptions, cluster_fit, stage_plan
 from aquila_ray.train.metrics import read_metrics, read_run_metrics
 from aquila_ray.upcycle import UpcycleOptions
 

@@ -22,7 +22,7 @@ from aquila_ray.config.model import ModelConfig
 from aquila_ray.config.train import TrainConfig
 from aquila_ray.data.shards import Manifest, read_manifest
 from aquila_ray.errors import ConfigError, DataError
-from aquila_ray.pipeline.plan import activation_bytes
+from aquila_ray.plan import activation_bytes
 from aquila_ray.train.metrics import METRICS_NAME, METRICS_PARTS, read_run_metrics
 
 RUN_CONFIG_NAME = "train_config.yaml"
