@@ -111,5 +111,3 @@ LLAMA = HFArchitecture(
     import_config=lambda hf: {"qkv_bias": False},
 )
 
-ARCHITECTURES: dict[str, HFArchitecture] = {"qwen2": QWEN2, "llama": LLAMA}
-"""model_type -> architecture. The MoE architectures register themselves from aquila_ray.hf.moe."""

@@ -19,7 +19,8 @@ from aquila_ray.checkpoint import CheckpointReader, CheckpointWriter, atomic_dir
 from aquila_ray.checkpoint.io import DEFAULT_SHARD_BYTES, PICKLE_SUFFIXES, _check_keys, _model_keys
 from aquila_ray.config import ModelConfig, apply_overrides, from_dict
 from aquila_ray.errors import ConfigError, ConversionError
-from aquila_ray.hf.architectures import ARCHITECTURES, HFArchitecture
+from aquila_ray.hf.architectures import HFArchitecture
+from aquila_ray.hf.registry import ARCHITECTURES
 from aquila_ray.hf.tokenizer import TOKENIZER_CONFIG_NAME, TOKENIZER_NAME, write_hf_tokenizer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -35,7 +36,6 @@ def _dtype(name: str | None) -> torch.dtype | None:
 
 def pick_architecture(cfg: ModelConfig, name: str | None = None) -> HFArchitecture:
     """The named architecture (checked to fit), or the first registered one our model fits."""
-    _register_moe()
     if name is not None:
         if name not in ARCHITECTURES:
             raise ConfigError(f"arch={name!r} is not valid; choose one of {sorted(ARCHITECTURES)}")
@@ -50,13 +50,6 @@ def pick_architecture(cfg: ModelConfig, name: str | None = None) -> HFArchitectu
             return arch
         reasons[arch.name] = reason
     raise ConversionError(f"no Hugging Face architecture fits this model: {reasons}")
-
-
-def _register_moe() -> None:
-    try:  # the MoE architectures live beside the MoE code; dense conversion works without them
-        import aquila_ray.hf.moe  # noqa: F401
-    except ImportError:
-        pass
 
 
 def hf_config(cfg: ModelConfig, arch: HFArchitecture, dtype: torch.dtype) -> dict[str, Any]:
@@ -127,7 +120,6 @@ def _hf_tensor_files(hf_dir: Path) -> dict[str, Path]:
 
 
 def config_from_hf(hf: dict[str, Any]) -> tuple[ModelConfig, HFArchitecture]:
-    _register_moe()
     model_type = hf.get("model_type")
     if model_type not in ARCHITECTURES:
         raise ConversionError(f"model_type={model_type!r} is not supported; supported: {sorted(ARCHITECTURES)}")

@@ -1,6 +1,6 @@
 """Hugging Face MoE architectures: Qwen2-MoE (models with QKV bias) and Mixtral (without).
 
-Registered into ``ARCHITECTURES`` on import (``aquila_ray.hf.convert`` imports this module). Both load
+Listed in ``aquila_ray.hf.registry.ARCHITECTURES`` with the dense ones. Both load
 with transformers 5, which fuses experts in memory (``experts.gate_up_proj`` (E, 2F, D)) but reads and
 writes the per-expert layout on disk, the one mapped here (checked with ``save_pretrained`` on 5.23):
 - Qwen2-MoE: ``model.layers.{l}.mlp.gate.weight`` (router), ``mlp.experts.{e}.{gate,up,down}_proj.weight``.
@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from aquila_ray.config import ModelConfig
-from aquila_ray.hf.architectures import ARCHITECTURES, DECODER_FIELDS, DECODER_KEYS, HFArchitecture
+from aquila_ray.hf.architectures import DECODER_FIELDS, DECODER_KEYS, HFArchitecture
 from aquila_ray.hf.keymap import KeyMap
 
 _EXPERT = "layers.{layer}.mlp.experts.{expert}."
@@ -138,8 +138,5 @@ MIXTRAL = HFArchitecture(
     export_config=_mixtral_config,
     import_config=_mixtral_import,
 )
-
-ARCHITECTURES.setdefault(QWEN2_MOE.name, QWEN2_MOE)
-ARCHITECTURES.setdefault(MIXTRAL.name, MIXTRAL)
 
 __all__ = ["MIXTRAL", "QWEN2_MOE", "SHARED_EXPERT_WIDTH"]
