@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from aquila_ray.data.shards import read_manifest, read_token_shard
+from aquila_ray.data.dataset import TokenDataset
 from aquila_ray.errors import DataError
 
 SAMPLE_TASKS = Path(__file__).resolve().parent / "tasks" / "sample_cloze.jsonl"
@@ -24,32 +24,33 @@ SAMPLE_TASKS = Path(__file__).resolve().parent / "tasks" / "sample_cloze.jsonl"
 
 
 @torch.no_grad()
+def sequence_loss(model: torch.nn.Module, data: TokenDataset, indices: np.ndarray, batch_size: int
+                  ) -> tuple[float, int]:
+    """(sum of next-token losses, tokens) over the sequences ``indices`` of ``data``, ``batch_size`` at a
+    time, reading only their record batches. The one validation-loss computation: ``evaluate_loss`` runs it
+    over a split's first sequences, the trainer over each rank's share (then sums over ranks)."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for start in range(0, len(indices), batch_size):
+        batch = torch.from_numpy(data.get(indices[start:start + batch_size])).to(device)
+        out = model(batch[:, :-1], labels=batch[:, 1:])
+        n = batch[:, 1:].numel()
+        total += float(out.loss) * n
+        count += n
+    model.train(was_training)
+    return total, count
+
+
 def evaluate_loss(model: torch.nn.Module, data_dir: str | Path, split: str = "validation", batch_size: int = 8,
                   max_sequences: int | None = None) -> dict[str, float]:
-    """Mean next-token loss and perplexity over a split's sequences, in shard order."""
-    manifest = read_manifest(data_dir)
-    if split not in manifest.splits or manifest.splits[split].num_sequences == 0:
-        raise DataError(f"split {split!r} has no sequences in {data_dir}/manifest.json; "
-                        f"splits: { {k: v.num_sequences for k, v in manifest.splits.items()} }")
-    device = next(model.parameters()).device
-    model.eval()
-    total, count, seen = 0.0, 0, 0
-    for path in manifest.shard_paths(split):
-        rows = read_token_shard(path)
-        for start in range(0, len(rows), batch_size):
-            if max_sequences is not None and seen >= max_sequences:
-                break
-            take = rows[start:start + batch_size]
-            if max_sequences is not None:
-                take = take[: max_sequences - seen]
-            batch = torch.from_numpy(np.asarray(take, dtype=np.int64)).to(device)
-            out = model(batch[:, :-1], labels=batch[:, 1:])
-            n = batch[:, 1:].numel()
-            total += float(out.loss) * n
-            count += n
-            seen += len(take)
+    """Mean next-token loss and perplexity over a split's first ``max_sequences`` sequences (all: None)."""
+    data = TokenDataset(data_dir, split)
+    n = len(data) if max_sequences is None else min(max_sequences, len(data))
+    total, count = sequence_loss(model, data, np.arange(n, dtype=np.int64), batch_size)
     loss = total / count
-    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": count, "sequences": seen}
+    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": count, "sequences": n}
 
 
 def read_tasks(path: str | Path) -> list[dict[str, Any]]:

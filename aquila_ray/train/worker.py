@@ -35,6 +35,7 @@ from aquila_ray.config.base import from_dict, to_dict
 from aquila_ray.config.train import TrainConfig
 from aquila_ray.data.dataset import TokenDataset, rank_batch
 from aquila_ray.data.shards import join_location, read_manifest, resolve_location
+from aquila_ray.eval import sequence_loss
 from aquila_ray.hf.tokenizer import TOKENIZER_NAME, write_hf_tokenizer
 from aquila_ray.train.checkpointing import (
     TRAIN_CONFIG_NAME,
@@ -98,14 +99,7 @@ def validation_loss(model: torch.nn.Module, data: TokenDataset, cfg: TrainConfig
     n = min(cfg.eval_max_sequences or len(data), len(data))
     per_rank = max(1, n // dims.world_size)
     idx = (np.arange(dims.rank * per_rank, (dims.rank + 1) * per_rank) % len(data)).astype(np.int64)
-    model.eval()
-    total = torch.zeros(2, dtype=torch.float64)
-    for start in range(0, per_rank, cfg.micro_batch_size):
-        rows = torch.from_numpy(data.get(idx[start:start + cfg.micro_batch_size])).to(device)
-        out = model(rows[:, :-1], labels=rows[:, 1:])
-        tokens = rows[:, 1:].numel()
-        total += torch.tensor([float(out.loss) * tokens, tokens], dtype=torch.float64)
-    model.train()
+    total = torch.tensor(sequence_loss(model, data, idx, cfg.micro_batch_size), dtype=torch.float64)
     _all_reduce_sum(total, dims.world_size)
     return float(total[0] / total[1])
 
