@@ -469,7 +469,9 @@ def data_job(auth_head: LocalHead, short_root: Path) -> tuple[LocalHead, Path, s
     r = auth_head.ray("job", "submit", "--address", auth_head.dashboard_url, "--working-dir", ".",
                       "--submission-id", job_id, "--",
                       "python", "-m", "jobs.prepare_data", "--output", str(out),
-                      "--set", "tokenizer.vocab_size=512", "--set", "pack.seq_len=32", timeout=300)
+                      "--set", "tokenizer.vocab_size=512", "--set", "pack.seq_len=32",
+                      # near dedup's shuffles add half a minute and are tested in tests/test_data_pipeline.py
+                      "--set", "dedup.fuzzy=false", "--set", "shuffle_partitions=2", timeout=300)
     assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
     assert f"Job '{job_id}' succeeded" in r.stdout + r.stderr
     return auth_head, out, job_id

@@ -93,7 +93,10 @@ def test_until_must_name_a_stage(tmp_path: Path) -> None:
 
 # ---------------------------------------------------------------------------------------------- the pipeline
 STEPS = ["stage_small.steps=60", "stage_large.steps=30", "stage_moe.steps=40", "stage_small.checkpoint_every=30",
-         "stage_large.checkpoint_every=30", "stage_moe.checkpoint_every=20", "eval_max_sequences=32"]
+         "stage_large.checkpoint_every=30", "stage_moe.checkpoint_every=20", "eval_max_sequences=32",
+         # near dedup off and 2 shuffle partitions: its shuffles cost a minute here and the data job's own
+         # tests cover them (tests/test_data_pipeline.py)
+         "data_overrides=[dedup.fuzzy=false, shuffle_partitions=2]"]
 
 
 def markers(root: Path) -> dict[str, str]:

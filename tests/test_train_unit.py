@@ -232,36 +232,46 @@ from aquila_ray.config.train import TrainConfig
 from aquila_ray.model import build_model
 from aquila_ray.train.engine import _torch_optimizer, build_engine
 from aquila_ray.train.worker import _grad_norm
-cfg = from_dict(TrainConfig, json.loads(sys.argv[1]))
-model = build_model(cfg.model, seed=0)
-engine = build_engine(model, cfg, 2, 1, 1)
-x = torch.randint(0, cfg.model.vocab_size, (2, 17), generator=torch.Generator().manual_seed(0))
-out = engine(x[:, :-1], labels=x[:, 1:])
-engine.backward(out.total_loss)
-norm = _grad_norm(engine.module)
-engine.step()
-opt = _torch_optimizer(engine)
-m = [opt.state[p]["exp_avg"].norm() for g in opt.param_groups for p in g["params"] if p in opt.state]
-print(json.dumps({"grad_norm": norm, "exp_avg_norm": float(torch.linalg.vector_norm(torch.stack(m))),
-                  "beta1": opt.param_groups[0]["betas"][0]}))
+results = {}
+for clip, cfg_dict in json.loads(sys.argv[1]).items():  # one engine per config, in one process
+    cfg = from_dict(TrainConfig, cfg_dict)
+    model = build_model(cfg.model, seed=0)
+    engine = build_engine(model, cfg, 2, 1, 1)
+    x = torch.randint(0, cfg.model.vocab_size, (2, 17), generator=torch.Generator().manual_seed(0))
+    out = engine(x[:, :-1], labels=x[:, 1:])
+    engine.backward(out.total_loss)
+    norm = _grad_norm(engine.module)
+    engine.step()
+    opt = _torch_optimizer(engine)
+    m = [opt.state[p]["exp_avg"].norm() for g in opt.param_groups for p in g["params"] if p in opt.state]
+    results[clip] = {"grad_norm": norm, "exp_avg_norm": float(torch.linalg.vector_norm(torch.stack(m))),
+                     "beta1": opt.param_groups[0]["betas"][0]}
+print(json.dumps(results))
 """
+CLIPS = (0.0, 1e-3, 1.0)
 
 
-@pytest.mark.parametrize("clip", [0.0, 1e-3, 1.0])
-def test_gradient_clipping_bounds_the_step(data_dir: Path, clip: float) -> None:
-    """After one step, Adam's first moment is (1 - beta1) times the gradient the optimizer saw: with
-    grad_clip=c below the gradient norm its norm is (1 - beta1) * c; with clipping off (0), (1 - beta1) * |g|.
-    (DeepSpeed's own default clips at 1.0, so "off" has to be passed explicitly.)"""
+@pytest.fixture(scope="module")
+def clipped_steps(data_dir: Path) -> dict[str, dict[str, float]]:
+    """One real DeepSpeed step per grad_clip value, all in one child process (one process start)."""
     import subprocess
     import sys
 
     from aquila_ray.config import to_dict
 
-    cfg = cfg_for(data_dir, f"optimizer.grad_clip={clip}")
-    out = subprocess.run([sys.executable, "-c", _CLIP_CHILD, json.dumps(to_dict(cfg))], capture_output=True,
-                         text=True, timeout=300)
+    cfgs = {str(c): to_dict(cfg_for(data_dir, f"optimizer.grad_clip={c}")) for c in CLIPS}
+    out = subprocess.run([sys.executable, "-c", _CLIP_CHILD, json.dumps(cfgs)], capture_output=True, text=True,
+                         timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
-    r = json.loads(out.stdout.strip().splitlines()[-1])
+    return dict(json.loads(out.stdout.strip().splitlines()[-1]))
+
+
+@pytest.mark.parametrize("clip", CLIPS)
+def test_gradient_clipping_bounds_the_step(clipped_steps: dict[str, dict[str, float]], clip: float) -> None:
+    """After one step, Adam's first moment is (1 - beta1) times the gradient the optimizer saw: with
+    grad_clip=c below the gradient norm its norm is (1 - beta1) * c; with clipping off (0), (1 - beta1) * |g|.
+    (DeepSpeed's own default clips at 1.0, so "off" has to be passed explicitly.)"""
+    r = clipped_steps[str(clip)]
     assert r["grad_norm"] > 2 * max(clip, 1.0)  # the tiny model's first gradient is above every clip here
     seen = clip if clip else r["grad_norm"]
     assert r["exp_avg_norm"] == pytest.approx((1 - r["beta1"]) * seen, rel=1e-4)
