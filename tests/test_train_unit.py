@@ -390,3 +390,26 @@ def test_state_files_are_bounded_and_load_back(tmp_path: Path) -> None:
     loaded = {k: torch.zeros_like(t) for k, t in saved.items()}
     load_sharded_state(tmp_path, {k: Fragment(t, 0, t.numel()) for k, t in loaded.items()})
     assert all(torch.equal(loaded[k], saved[k]) for k in saved)
+
+
+def test_checkpoints_carry_the_data_tokenizer_or_none_with_a_warning(tmp_path: Path,
+                                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    """Rank 0 reads the data's tokenizer once: a usable one becomes the two Hugging Face files every
+    checkpoint gets; none (synthetic shards) or one without an EOS token gives none, with a warning for the
+    latter, and never fails the run."""
+    from tokenizers import Tokenizer, models
+
+    from aquila_ray.train.worker import _data_tokenizer
+
+    data = write_synthetic_shards(tmp_path / "data", num_train=8, num_validation=2, seq_len=16)
+    assert _data_tokenizer(cfg_for(data), None) == {}
+    no_eos = Tokenizer(models.WordLevel({"a": 0, "b": 1}, unk_token="a"))
+    no_eos.save(str(data / "tokenizer.json"))
+    assert _data_tokenizer(cfg_for(data), None) == {}
+    assert "checkpoints will carry no tokenizer" in capsys.readouterr().out
+    good = Tokenizer(models.WordLevel({"<|endoftext|>": 0, "<|pad|>": 1, "a": 2}, unk_token="a"))
+    good.save(str(data / "tokenizer.json"))
+    files = _data_tokenizer(cfg_for(data), 0)
+    assert files["tokenizer.json"] == (data / "tokenizer.json").read_bytes()
+    config = json.loads(files["tokenizer_config.json"])
+    assert (config["eos_token"], config["pad_token"], config["model_max_length"]) == ("<|endoftext|>", "<|pad|>", 128)

@@ -35,8 +35,9 @@ from aquila_ray.config.base import from_dict, to_dict
 from aquila_ray.config.train import TrainConfig
 from aquila_ray.data.dataset import TokenDataset, rank_batch
 from aquila_ray.data.shards import join_location, read_manifest, resolve_location
+from aquila_ray.errors import ConversionError
 from aquila_ray.eval import sequence_loss
-from aquila_ray.hf.tokenizer import TOKENIZER_NAME, write_hf_tokenizer
+from aquila_ray.hf.tokenizer import TOKENIZER_NAME, hf_tokenizer_files
 from aquila_ray.train.checkpointing import (
     TRAIN_CONFIG_NAME,
     TRAINER_STATE_NAME,
@@ -145,7 +146,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     train_data = TokenDataset(cfg.data_dir, "train", manifest, shuffle_window=cfg.data_shuffle_window, **reader)
     val_data = TokenDataset(cfg.data_dir, "validation", manifest, **reader) if cfg.eval_every >= 0 else None
     seq_len = manifest.seq_len
-    tokenizer = _data_tokenizer(cfg.data_dir) if dims.rank == 0 else None
+    tokenizer = _data_tokenizer(cfg, manifest.eos_token_id) if dims.rank == 0 else {}
     batch = cfg.batch_sequences(seq_len)
     per_rank = batch // dims.world_size
     grad_accum = per_rank // cfg.micro_batch_size
@@ -257,7 +258,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 if logger is not None:  # the rows up to this checkpoint, to remote storage (before it registers)
                     logger.upload()
                 _save_and_report(engine, module, cfg, dims, ep, state, row, batch, export, Checkpoint,
-                                 ray.train.report, CheckpointUploadMode, (tokenizer, manifest.eos_token_id))
+                                 ray.train.report, CheckpointUploadMode, tokenizer)
         if logger is not None and last_row:
             print(f"[aquila-ray] {run_name}: done at step {step}", flush=True)
     finally:
@@ -265,25 +266,30 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             logger.close()
 
 
-def _data_tokenizer(data_dir: str) -> bytes | None:
-    """The data set's tokenizer.json (a few MB: bounded by the vocabulary), or None when it has none
-    (synthetic shards). Rank 0 puts it into every checkpoint, so a model carries the tokenizer it was
-    trained with."""
-    fs, base = resolve_location(data_dir)
+def _data_tokenizer(cfg: TrainConfig, eos_token_id: int | None) -> dict[str, bytes]:
+    """The data set's tokenizer as Hugging Face files (``tokenizer.json`` + ``tokenizer_config.json``; a few
+    MB, bounded by the vocabulary), which rank 0 puts into every checkpoint so a model carries the tokenizer
+    it was trained with. Empty when the data has none (synthetic shards) or it is unusable (a warning: the
+    run trains on, its checkpoints without tokenizer files)."""
+    fs, base = resolve_location(cfg.data_dir)
     path = str(join_location(base, TOKENIZER_NAME))
     if fs.get_file_info(path).type != pafs.FileType.File:
-        return None
+        return {}
     with fs.open_input_stream(path) as f:
-        return bytes(f.read())
+        content = bytes(f.read())
+    try:
+        return hf_tokenizer_files(content, cfg.model.max_seq_len, eos_token_id, f"{cfg.data_dir}/{TOKENIZER_NAME}")
+    except ConversionError as e:
+        print(f"[aquila-ray] warning: checkpoints will carry no tokenizer: {e}", flush=True)
+        return {}
 
 
 def _save_and_report(engine: Any, module: torch.nn.Module, cfg: TrainConfig, dims: ParallelDims, ep: Any,
                      state: dict[str, Any], row: dict[str, Any], batch: int, export: bool, checkpoint_cls: Any,
-                     report: Any, upload_mode: Any, tokenizer: tuple[bytes | None, int | None] = (None, None)
-                     ) -> None:
+                     report: Any, upload_mode: Any, tokenizer: dict[str, bytes] | None = None) -> None:
     """Every rank writes what it owns into its own directory and reports it; Ray Train merges the ranks'
     files into one checkpoint and registers it once all have uploaded (a half-written one is never seen).
-    Rank 0 adds the trainer state, the data's tokenizer (``tokenizer``: its bytes and EOS id; HF files) and,
+    Rank 0 adds the trainer state, the data's tokenizer (``tokenizer``: the HF files' contents) and,
     when ``export``, the model checkpoint streamed one tensor at a time.
     With ``checkpoint.async_upload`` (not for the export) the upload runs in Ray Train's background thread,
     which deletes the local files after it."""
@@ -305,9 +311,8 @@ def _save_and_report(engine: Any, module: torch.nn.Module, cfg: TrainConfig, dim
                 writer.close()
         if dims.rank == 0:
             save_buffers(tmp, module)
-            if tokenizer[0] is not None:
-                (tmp / TOKENIZER_NAME).write_bytes(tokenizer[0])
-                write_hf_tokenizer(tmp / TOKENIZER_NAME, tmp, cfg.model.max_seq_len, tokenizer[1])
+            for name, content in (tokenizer or {}).items():
+                (tmp / name).write_bytes(content)
             write_json(tmp / TRAINER_STATE_NAME, {
                 **state, "epoch": row["epoch"], "world_size": dims.world_size, "global_batch_sequences": batch,
                 "seed": cfg.seed, "data_position": int(state["consumed_samples"]),
