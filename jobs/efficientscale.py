@@ -43,6 +43,7 @@ def main(argv: list[str] | None = None) -> None:
         use_transform_env()  # before any tensor exists: growth and upcycling run in this process
     from aquila_ray.config.base import to_dict
     from aquila_ray.config.recipe import build_recipe_config
+    from aquila_ray.errors import ConfigError
     from aquila_ray.pipeline.efficientscale import plan_recipe, run_efficientscale
 
     cfg = build_recipe_config(args.preset, args.config, args.overrides)
@@ -56,7 +57,11 @@ def main(argv: list[str] | None = None) -> None:
         if args.cluster:
             import yaml
 
-            cluster = yaml.safe_load(Path(args.cluster).read_text())
+            path = Path(args.cluster)
+            cluster = yaml.safe_load(path.read_text()) if path.is_file() else None
+            if not isinstance(cluster, dict) or "available_node_types" not in cluster:
+                raise ConfigError(f"--cluster {args.cluster!r} is not a Ray cluster launcher file (a YAML mapping "
+                                  f"with available_node_types, like cluster.yaml)")
         print_plan("recipe", to_dict(cfg))
         print_plan("plan", plan_recipe(cfg, cluster=cluster))
         return

@@ -83,6 +83,9 @@ def test_dry_run_job_prints_the_plan(capsys: pytest.CaptureFixture[str], tmp_pat
     out = capsys.readouterr().out
     assert "== plan ==" in out and '"total_training_flops"' in out and "MoE 8x top-2" in out
     assert '"cluster_fit"' in out and '"wall_clock_days"' in out
+    with pytest.raises(ConfigError, match=r"--cluster '.*nope.yaml' is not a Ray cluster launcher file"):
+        main(["--preset", "aquila3-efficientscale", "--output", str(tmp_path / "x"), "--dry-run", "--set",
+              "data_dir=/data", "--cluster", str(tmp_path / "nope.yaml")])
     assert not (tmp_path / "x").exists()  # a dry run writes nothing
 
 

@@ -116,7 +116,7 @@ def test_export_writes_the_tokenizer_autotokenizer_opens(tmp_path: Path) -> None
     (the trainer stores its data's tokenizer there); AutoTokenizer then encodes exactly as ours."""
     from tokenizers import Tokenizer
 
-    from aquila_ray.hf.tokenizer import write_hf_tokenizer
+    from aquila_ray.hf.tokenizer import hf_tokenizer
     from data_pipeline.config import TokenizerConfig
     from data_pipeline.tokenizer import save_tokenizer, train_tokenizer
 
@@ -133,9 +133,11 @@ def test_export_writes_the_tokenizer_autotokenizer_opens(tmp_path: Path) -> None
     config = json.loads((tmp_path / "hf2" / "config.json").read_text())
     assert (config["eos_token_id"], config["pad_token_id"]) == (hf_tok.eos_token_id, hf_tok.pad_token_id) == (0, 1)
     # carried by the checkpoint (what the trainer writes): exported without --tokenizer
-    write_hf_tokenizer(tmp_path / "tokenizer.json", tmp_path / "ck", 64, eos_token_id=0)
+    hf_tokenizer((tmp_path / "tokenizer.json").read_bytes(), 64, eos_token_id=0).write(tmp_path / "ck")
     export_hf(tmp_path / "ck", tmp_path / "hf3")
     carried = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf3")
     assert carried(sample)["input_ids"] == hf_tok(sample)["input_ids"]
+    with pytest.raises(ConversionError, match=r"tokenizer .*nope.json does not exist"):
+        export_hf(tmp_path / "ck", tmp_path / "hf5", tokenizer=tmp_path / "nope.json")
     with pytest.raises(ConversionError, match="is not a tokenizers tokenizer.json"):
         export_hf(tmp_path / "ck", tmp_path / "hf4", tokenizer=tmp_path / "hf2" / "config.json")

@@ -13,7 +13,6 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
-from tokenizers import Tokenizer
 
 from aquila_ray.checkpoint import CheckpointReader, CheckpointWriter, atomic_directory
 from aquila_ray.checkpoint.io import DEFAULT_SHARD_BYTES, PICKLE_SUFFIXES, _check_keys, _model_keys
@@ -21,7 +20,7 @@ from aquila_ray.config import ModelConfig, apply_overrides, from_dict
 from aquila_ray.errors import ConfigError, ConversionError
 from aquila_ray.hf.architectures import HFArchitecture
 from aquila_ray.hf.registry import ARCHITECTURES
-from aquila_ray.hf.tokenizer import TOKENIZER_CONFIG_NAME, TOKENIZER_NAME, write_hf_tokenizer
+from aquila_ray.hf.tokenizer import TOKENIZER_CONFIG_NAME, TOKENIZER_NAME, hf_tokenizer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -80,19 +79,22 @@ def export_hf(ckpt_dir: str | Path, hf_dir: str | Path, arch: str | None = None,
     cfg = reader.config
     spec = pick_architecture(cfg, arch)
     out_dtype = _dtype(dtype) or reader.get(reader.keys()[0]).dtype
-    carried = Path(ckpt_dir) / TOKENIZER_NAME
+    carried, carried_config = Path(ckpt_dir) / TOKENIZER_NAME, Path(ckpt_dir) / TOKENIZER_CONFIG_NAME
     source = Path(tokenizer) if tokenizer is not None else carried if carried.is_file() else None
-    eos_id = None
-    if tokenizer is None and (Path(ckpt_dir) / TOKENIZER_CONFIG_NAME).is_file():  # keep the trainer's eos choice
-        eos = json.loads((Path(ckpt_dir) / TOKENIZER_CONFIG_NAME).read_text()).get("eos_token")
-        eos_id = Tokenizer.from_file(str(carried)).token_to_id(eos) if eos else None
+    tok = None
+    if source is not None:
+        if not source.is_file():
+            raise ConversionError(f"tokenizer {source} does not exist; pass a tokenizers tokenizer.json (the data "
+                                  f"job writes one next to its token shards)")
+        # a tokenizer the checkpoint carries keeps the EOS the trainer chose
+        eos = json.loads(carried_config.read_text()).get("eos_token") if (
+            tokenizer is None and carried_config.is_file()) else None
+        tok = hf_tokenizer(source.read_bytes(), cfg.max_seq_len, source=str(source), eos_token=eos)
     config = hf_config(cfg, spec, out_dtype)
     with atomic_directory(hf_dir) as tmp:
-        if source is not None:
-            special = write_hf_tokenizer(source, tmp, cfg.max_seq_len, eos_id)
-            ids = Tokenizer.from_file(str(tmp / TOKENIZER_NAME))
-            config.update(eos_token_id=ids.token_to_id(special["eos_token"]),
-                          pad_token_id=ids.token_to_id(special["pad_token"]))
+        if tok is not None:
+            tok.write(tmp)
+            config.update(eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
         with CheckpointWriter(tmp, config, max_shard_bytes) as writer:
             for key in sorted(reader.keys()):
                 writer.add(spec.keys.to_hf(key), reader.get(key).to(out_dtype))

@@ -52,9 +52,9 @@ def wandb_mode(cfg: WandbConfig) -> str:
 def router_telemetry(stats: list[RouterStats]) -> torch.Tensor:
     """One micro-batch's routing, (L, E + 2) float64 on the CPU: per layer the assignments each expert
     received, the router entropy, and the assignments dropped. Sums over micro-batches and ranks."""
-    return torch.stack([torch.cat([s.tokens_per_expert.detach().double().cpu(),
-                                   s.entropy.detach().double().cpu().reshape(1),
-                                   s.dropped_tokens.detach().double().cpu().reshape(1)]) for s in stats])
+    rows = [torch.cat([s.tokens_per_expert.detach().double(), s.entropy.detach().double().reshape(1),
+                       s.dropped_tokens.detach().double().reshape(1)]) for s in stats]
+    return torch.stack(rows).cpu()  # one copy off the device
 
 
 def router_metrics(summed: torch.Tensor, micro_batches: int) -> dict[str, Any]:

@@ -37,7 +37,7 @@ from aquila_ray.data.dataset import TokenDataset, rank_batch
 from aquila_ray.data.shards import join_location, read_manifest, resolve_location
 from aquila_ray.errors import ConversionError
 from aquila_ray.eval import sequence_loss
-from aquila_ray.hf.tokenizer import TOKENIZER_NAME, hf_tokenizer_files
+from aquila_ray.hf.tokenizer import TOKENIZER_NAME, hf_tokenizer
 from aquila_ray.train.checkpointing import (
     TRAIN_CONFIG_NAME,
     TRAINER_STATE_NAME,
@@ -93,8 +93,7 @@ def _all_reduce_sum(t: torch.Tensor, world_size: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def validation_loss(model: torch.nn.Module, data: TokenDataset, cfg: TrainConfig, dims: ParallelDims,
-                    device: torch.device) -> float:
+def validation_loss(model: torch.nn.Module, data: TokenDataset, cfg: TrainConfig, dims: ParallelDims) -> float:
     """Mean next-token loss over the first ``eval_max_sequences`` validation sequences, split over ranks
     (every rank runs the same number of forwards: expert parallelism needs all of them in each all-to-all)."""
     n = min(cfg.eval_max_sequences or len(data), len(data))
@@ -244,12 +243,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             if routers is not None:
                 row["aux_loss"] = float(packed[1]) / dims.world_size
                 row["z_loss"] = float(packed[2]) / dims.world_size
-                load = packed[3:].reshape(routers.shape)
-                row.update(router_metrics(load, grad_accum * dims.world_size))
-                balance_experts(module, load[:, :-2])
+                routing = packed[3:].reshape(routers.shape)  # summed over micro-batches and ranks
+                row.update(router_metrics(routing, grad_accum * dims.world_size))
+                balance_experts(module, routing[:, :-2])
             is_last = step == cfg.steps
             if val_data is not None and ((cfg.eval_every > 0 and step % cfg.eval_every == 0) or is_last):
-                row["val_loss"] = validation_loss(module, val_data, cfg, dims, device)
+                row["val_loss"] = validation_loss(module, val_data, cfg, dims)
             if logger is not None:
                 logger.log(row)
             last_row = row
@@ -278,7 +277,7 @@ def _data_tokenizer(cfg: TrainConfig, eos_token_id: int | None) -> dict[str, byt
     with fs.open_input_stream(path) as f:
         content = bytes(f.read())
     try:
-        return hf_tokenizer_files(content, cfg.model.max_seq_len, eos_token_id, f"{cfg.data_dir}/{TOKENIZER_NAME}")
+        return hf_tokenizer(content, cfg.model.max_seq_len, eos_token_id, f"{cfg.data_dir}/{TOKENIZER_NAME}").files
     except ConversionError as e:
         print(f"[aquila-ray] warning: checkpoints will carry no tokenizer: {e}", flush=True)
         return {}
