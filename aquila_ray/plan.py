@@ -45,8 +45,9 @@ class PlanAssumptions:
     host_gib_per_worker: float = 8.0
     """Host memory of one GPU worker process beyond checkpoint staging: torch, CUDA and NCCL, Ray, the
     memory-mapped token shards it reads."""
-    state_file_bytes: int = 256 * 2**20
-    """``CheckpointingConfig.state_file_bytes``: DCP builds each state file in memory (2-3x while saving)."""
+    save_staging_bytes: int = 64 * 2**20
+    """What a checkpoint save holds on the host per worker (``checkpointing.STAGING_BYTES``: the state is
+    streamed from the device to the file in pieces of this size)."""
     gpu_memory_headroom: float = 0.90
     """Share of a GPU's memory a plan may fill (the rest: CUDA context, NCCL buffers, fragmentation)."""
 
@@ -133,7 +134,7 @@ def stage_plan(cfg: ModelConfig, tokens: float, world_size: int, zero_stage: int
     expert_tensor = 0 if cfg.moe is None else expert_parallel * cfg.expert_intermediate_size * cfg.hidden_size
     largest = 4 * max(cfg.vocab_size * cfg.hidden_size, cfg.intermediate_size * cfg.hidden_size, expert_tensor)
     state = 12 * params  # fp32 master weights and both Adam moments, each rank writing its partition
-    host = min(world_size, a.gpus_per_node) * (a.host_gib_per_worker * GiB + 3 * a.state_file_bytes) + largest
+    host = min(world_size, a.gpus_per_node) * (a.host_gib_per_worker * GiB + a.save_staging_bytes) + largest
     total_flops = fpt * tokens
     return {
         "model": cfg.describe(),

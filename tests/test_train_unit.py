@@ -363,8 +363,8 @@ def test_gpu_deepspeed_config_accumulates_bf16_gradients_in_fp32() -> None:
 
 
 def test_state_files_are_bounded_and_load_back(tmp_path: Path) -> None:
-    """A rank's state goes into files of about checkpoint.state_file_bytes (DCP builds each file in memory),
-    and loads back exactly from them."""
+    """A rank's state goes into files of about checkpoint.state_file_bytes, and loads back exactly from
+    them."""
     import torch
 
     from aquila_ray.model import build_model
@@ -390,6 +390,44 @@ def test_state_files_are_bounded_and_load_back(tmp_path: Path) -> None:
     loaded = {k: torch.zeros_like(t) for k, t in saved.items()}
     load_sharded_state(tmp_path, {k: Fragment(t, 0, t.numel()) for k, t in loaded.items()})
     assert all(torch.equal(loaded[k], saved[k]) for k in saved)
+
+
+def test_streamed_state_files_equal_dcps_own_and_load_back(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """StreamingStateWriter writes what DCP's HuggingFaceStorageWriter writes (same keys, dtypes, slices,
+    sharding metadata), from views into larger buffers (the ZeRO case the stock writer clones), fp32 and bf16,
+    in pieces of STAGING_BYTES, and HuggingFaceStorageReader loads it back exactly, resharded."""
+    import json
+
+    import torch
+    import torch.distributed.checkpoint as dcp
+    from safetensors import safe_open
+    from torch.distributed.checkpoint import HuggingFaceStorageWriter
+
+    from aquila_ray.train import checkpointing
+    from aquila_ray.train.checkpointing import SHARDING_KEY, Fragment, load_sharded_state, save_sharded_state
+
+    monkeypatch.setattr(checkpointing, "STAGING_BYTES", 100)  # tensors go out in pieces, one ragged
+    flat, half = torch.randn(2000), torch.randn(64).to(torch.bfloat16)
+    frags = {"weight/a": Fragment(flat[10:400], 100, 490), "exp_avg/a": Fragment(flat[500:900], 0, 400),
+             "weight/b": Fragment(half[5:9], 2, 6), "exp_avg/b": Fragment(flat[:0], 0, 0)}
+    index = {"weight/a": 1, "exp_avg/a": 2, "weight/b": 2, "exp_avg/b": 2}
+    save_sharded_state(tmp_path / "ours", frags, index)
+    dcp.save(dict(frags), storage_writer=HuggingFaceStorageWriter(str(tmp_path / "dcp"), save_distributed=True,
+                                                                  fqn_to_index_mapping=index))
+    ours = sorted((tmp_path / "ours" / "state").glob("*.safetensors"))
+    assert [f.name for f in ours] == sorted(f.name for f in (tmp_path / "dcp").glob("*.safetensors"))
+    for path in ours:
+        with safe_open(str(path), "pt") as a, safe_open(str(tmp_path / "dcp" / path.name), "pt") as b:
+            assert sorted(a.keys()) == sorted(b.keys())
+            assert json.loads(a.metadata()[SHARDING_KEY]) == json.loads(b.metadata()[SHARDING_KEY])
+            for key in a.keys():
+                x, y = a.get_tensor(key), b.get_tensor(key)
+                assert x.dtype == y.dtype and torch.equal(x, y) and torch.equal(x, frags[key].local_tensor)
+    # read back as two ranks' halves of weight/a would be (resharded onto other slices)
+    lo, hi = torch.zeros(200), torch.zeros(190)
+    load_sharded_state(tmp_path / "ours", {"weight/a": Fragment(lo, 100, 490)})
+    load_sharded_state(tmp_path / "ours", {"weight/a": Fragment(hi, 300, 490)})
+    assert torch.equal(torch.cat([lo, hi]), flat[10:400])
 
 
 def test_checkpoints_carry_the_data_tokenizer_or_none_with_a_warning(tmp_path: Path,

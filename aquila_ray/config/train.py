@@ -108,8 +108,8 @@ class CheckpointingConfig:
     max_shard_bytes: int = 2 * 1024**3
     """Split the model checkpoint's safetensors files above this size."""
     state_file_bytes: int = 256 * 1024**2
-    """Each rank writes its training state in files of about this size. DCP's safetensors storage builds a
-    file in memory before writing it, so a save adds 2-3x this to a rank's memory, whatever the model size."""
+    """Each rank writes its training state in files of about this size (object-store-friendly pieces that
+    upload and download in parallel). The files are streamed, so this does not change a save's memory."""
     async_upload: bool = True
     """Upload each rank's files to the storage path in the background (Ray Train's
     ``checkpoint_upload_mode=ASYNC``) while training goes on; the step that checkpoints then only waits for

@@ -28,6 +28,7 @@ the metadata in JSON headers, so nothing is unpickled (docs/training.md, "Checkp
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -38,8 +39,23 @@ import torch.distributed.checkpoint as dcp
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch.distributed.checkpoint import HuggingFaceStorageReader, HuggingFaceStorageWriter
+
+# DCP's Hugging Face storage names (file names, header keys): private in torch, so the writer below produces
+# exactly what HuggingFaceStorageReader parses; tests read every saved file back through that reader.
+from torch.distributed.checkpoint._hf_utils import (
+    CUSTOM_METADATA_KEY,
+    DCP_VERSION_KEY,
+    FORMAT_KEY,
+    FORMAT_VALUE,
+    HF_DCP_VERSION,
+    SAVED_OFFSETS_KEY,
+    _gen_file_name,
+)
+from torch.distributed.checkpoint.filesystem import _StorageInfo
 from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex, TensorProperties
-from torch.distributed.checkpoint.planner import TensorWriteData, WriteItem, WriteItemType
+from torch.distributed.checkpoint.planner import SavePlan, SavePlanner, TensorWriteData, WriteItem, WriteItemType
+from torch.distributed.checkpoint.storage import WriteResult
+from torch.futures import Future
 
 from aquila_ray.checkpoint import CheckpointWriter
 from aquila_ray.checkpoint.io import DEFAULT_SHARD_BYTES, _model_keys, atomic_directory
@@ -55,6 +71,8 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 WEIGHT, ADAM_KEYS = "weight", ("exp_avg", "exp_avg_sq")
 STATE_KINDS = (WEIGHT, *ADAM_KEYS)
 SHARDING_KEY = "DCP_SHARDING_INFO"
+STAGING_BYTES = 64 * 2**20
+"""The most a save copies from the device to the host at once (``StreamingStateWriter``)."""
 
 
 def rng_name(rank: int) -> str:
@@ -117,9 +135,9 @@ class Fragment(torch.Tensor):
 def state_file_index(model_config: ModelConfig, world_size: int, file_bytes: int) -> dict[str, int]:
     """Which state file (1, 2, ...) each checkpoint key goes to, the same on every rank: parameters in name
     order, kinds side by side, a new file when a rank's expected share (1/world_size of the tensors, which
-    also averages out the experts an expert-parallel rank holds) would pass ``file_bytes``. DCP's safetensors
-    storage builds each file in memory before writing it, so this bounds what a save adds to a rank's
-    memory (to 2-3x ``file_bytes``), whatever the model size."""
+    also averages out the experts an expert-parallel rank holds) would pass ``file_bytes``. Files of a bounded
+    size upload in parallel and resume in parallel; the save streams them (``StreamingStateWriter``), so the
+    size does not change what a save holds in memory."""
     index: dict[str, int] = {}
     current, filled = 1, 0.0
     for name, shape in sorted(_model_keys(model_config, buffers=False).items()):
@@ -132,15 +150,88 @@ def state_file_index(model_config: ModelConfig, world_size: int, file_bytes: int
     return index
 
 
+_SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.float64: "F64",
+                       torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8"}
+
+
+class StreamingStateWriter(HuggingFaceStorageWriter):
+    """DCP's Hugging Face safetensors storage, written as a stream: each file's header first (computed from
+    the write items' shapes and dtypes), then every tensor's bytes straight from the optimizer's buffers
+    (a device tensor is copied to the host ``STAGING_BYTES`` at a time). The files hold the same tensors and
+    header metadata as ``HuggingFaceStorageWriter``'s (read back by ``HuggingFaceStorageReader`` and by
+    ``safe_open``), but the stock writer builds each whole file in memory
+    (``safetensors.torch.save``, after cloning every view whose storage is larger than itself), so a save
+    held about four copies of a file; this one adds at most ``STAGING_BYTES`` (nothing on CPU)."""
+
+    def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future[list[WriteResult]]:
+        results: list[WriteResult] = []
+        storage_plan: dict[str, int] | None = plan.storage_data.get("fqn_to_index_mapping")
+        shard_index: int | None = plan.storage_data.get("shard_index")
+        if plan.items:
+            buckets = self._split_by_storage_plan(storage_plan, plan.items)
+            highest = max(storage_plan.values()) if storage_plan is not None else 1
+            for file_index, items in sorted(buckets.items()):
+                name = _gen_file_name(file_index, highest, shard_index)
+                results += self._write_file(self.fs.concat_path(self.path, name), name, items, planner)
+        fut: Future[list[WriteResult]] = Future()
+        fut.set_result(results)
+        return fut
+
+    def _write_file(self, path: str | os.PathLike[str], name: str, items: list[WriteItem], planner: SavePlanner
+                    ) -> list[WriteResult]:
+        if any(item.type == WriteItemType.BYTE_IO or item.tensor_data is None for item in items):
+            raise CheckpointError(f"{name}: the training state holds tensors only, got {items[0].index.fqn!r}")
+        header: dict[str, Any] = {}
+        sharding: dict[str, dict[str, list[int]]] = {}
+        start = 0
+        for item in items:
+            chunk, dtype = item.tensor_data.chunk, item.tensor_data.properties.dtype  # type: ignore[union-attr]
+            if dtype not in _SAFETENSORS_DTYPES:
+                raise CheckpointError(f"{item.index.fqn}: dtype {dtype} has no safetensors name")
+            end = start + chunk.sizes.numel() * dtype.itemsize
+            header[item.index.fqn] = {"dtype": _SAFETENSORS_DTYPES[dtype], "shape": list(chunk.sizes),
+                                      "data_offsets": [start, end]}
+            sharding[item.index.fqn] = {SAVED_OFFSETS_KEY: list(chunk.offsets)}
+            start = end
+        header["__metadata__"] = {CUSTOM_METADATA_KEY: json.dumps(sharding), DCP_VERSION_KEY: str(HF_DCP_VERSION),
+                                  FORMAT_KEY: FORMAT_VALUE}
+        encoded = json.dumps(header, separators=(",", ":")).encode()
+        encoded += b" " * (-len(encoded) % 8)  # the data starts 8-byte aligned, as safetensors writes it
+        base = 8 + len(encoded)
+        results = []
+        with self.fs.create_stream(path, "wb") as stream:
+            stream.write(len(encoded).to_bytes(8, "little"))
+            stream.write(encoded)
+            for item in items:
+                tensor = planner.resolve_data(item)
+                assert isinstance(tensor, torch.Tensor)
+                meta = header[item.index.fqn]
+                if list(tensor.shape) != meta["shape"]:
+                    raise CheckpointError(f"{item.index.fqn}: planned shape {meta['shape']}, "
+                                          f"got {list(tensor.shape)}")
+                flat = tensor.detach().contiguous().reshape(-1)
+                step = max(1, STAGING_BYTES // flat.element_size())
+                for lo in range(0, flat.numel(), step):  # on CPU, .to("cpu") is the view itself: no copy
+                    stream.write(flat[lo:lo + step].to("cpu").view(torch.uint8).numpy().data)
+                first, last = meta["data_offsets"]
+                results.append(WriteResult(index=item.index, size_in_bytes=last - first,
+                                           storage_data=_StorageInfo(name, base + first, last - first)))
+            if self.sync_files:
+                stream.flush()
+                os.fsync(stream.fileno())
+        return results
+
+
 def save_sharded_state(directory: str | Path, fragments: Mapping[str, torch.Tensor],
                        file_index: Mapping[str, int] | None = None) -> None:
     """Write this rank's fragments under ``directory/state``, split into files by ``file_index``
-    (``state_file_index``; None: one file per rank). Collective (DCP plans over the default process group);
-    each rank may pass its own local directory (Ray Train merges them)."""
+    (``state_file_index``; None: one file per rank), streamed (``StreamingStateWriter``). Collective (DCP
+    plans over the default process group); each rank may pass its own local directory (Ray Train merges
+    them)."""
     d = Path(directory) / STATE_DIR
     d.mkdir(parents=True, exist_ok=True)
-    writer = HuggingFaceStorageWriter(str(d), save_distributed=True,
-                                      fqn_to_index_mapping=dict(file_index) if file_index is not None else None)
+    writer = StreamingStateWriter(str(d), save_distributed=True,
+                                  fqn_to_index_mapping=dict(file_index) if file_index is not None else None)
     dcp.save(dict(fragments), storage_writer=writer)
 
 
