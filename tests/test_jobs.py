@@ -43,7 +43,8 @@ def test_unknown_set_field_is_refused_by_name(job: str, ckpt: Path, tmp_path: Pa
 
 @pytest.mark.parametrize("job,args", [("convert_hf", ["to-hf", "{ckpt}", "{tmp}/hf"]),
                                       ("evaluate", ["--ckpt", "{ckpt}"]),
-                                      ("export_checkpoint", ["{ckpt}", "--output", "{tmp}/out"])])
+                                      ("export_checkpoint", ["{ckpt}", "--output", "{tmp}/out"]),
+                                      ("lm_eval", ["{ckpt}", "--tasks", "arc_easy"])])
 def test_jobs_without_a_config_offer_no_set(job: str, args: list[str], ckpt: Path, tmp_path: Path,
                                             capsys: pytest.CaptureFixture[str]) -> None:
     argv = [a.format(tmp=tmp_path, ckpt=ckpt) for a in args] + ["--set", "x=1"]
