@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -428,6 +429,48 @@ def test_streamed_state_files_equal_dcps_own_and_load_back(tmp_path: Path, monke
     load_sharded_state(tmp_path / "ours", {"weight/a": Fragment(lo, 100, 490)})
     load_sharded_state(tmp_path / "ours", {"weight/a": Fragment(hi, 300, 490)})
     assert torch.equal(torch.cat([lo, hi]), flat[10:400])
+
+
+def test_a_resume_reads_only_the_byte_ranges_it_loads(tmp_path: Path) -> None:
+    """RangeStateReader through a pyarrow filesystem (here an fsspec one that counts bytes, standing in for
+    S3): loading a 1/8 slice of a saved tensor reads its headers and that slice, not the files."""
+    import pyarrow.fs as pafs
+    import torch
+    from fsspec.implementations.local import LocalFileSystem
+
+    from aquila_ray.train.checkpointing import Fragment, load_sharded_state, save_sharded_state
+
+    class Counting(LocalFileSystem):  # type: ignore[misc]
+        bytes_read = 0
+
+        def _open(self, path: str, mode: str = "rb", **kwargs: Any) -> Any:
+            inner, fs = super()._open(path, mode, **kwargs), self
+
+            class File:
+                def __getattr__(self, name: str) -> Any:
+                    return getattr(inner, name)
+
+                def read(self, n: int = -1) -> bytes:
+                    b = inner.read(n)
+                    fs.bytes_read += len(b)
+                    return b  # type: ignore[no-any-return]
+
+                def readinto(self, b: Any) -> int:
+                    n = inner.readinto(b)
+                    fs.bytes_read += n
+                    return n  # type: ignore[no-any-return]
+
+            return File()
+
+    weights, moments = torch.randn(80_000), torch.randn(80_000)
+    save_sharded_state(tmp_path, {"weight/w": Fragment(weights, 0, 80_000), "exp_avg/w": Fragment(moments, 0, 80_000)})
+    total = sum(f.stat().st_size for f in (tmp_path / "state").glob("*.safetensors"))
+    counting = Counting()
+    part = torch.zeros(10_000)
+    load_sharded_state(str(tmp_path), {"weight/w": Fragment(part, 30_000, 80_000)},
+                       filesystem=pafs.PyFileSystem(pafs.FSSpecHandler(counting)))
+    assert torch.equal(part, weights[30_000:40_000])
+    assert 40_000 <= counting.bytes_read < 40_000 + 4096 < total / 10  # the slice and the header
 
 
 def test_checkpoints_carry_the_data_tokenizer_or_none_with_a_warning(tmp_path: Path,

@@ -28,17 +28,23 @@ the metadata in JSON headers, so nothing is unpickled (docs/training.md, "Checkp
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
+import pyarrow.fs as pafs
 import torch
+import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from safetensors import safe_open
+from safetensors.torch import load as safetensors_load
 from safetensors.torch import load_file, save_file
-from torch.distributed.checkpoint import HuggingFaceStorageReader, HuggingFaceStorageWriter
+from torch.distributed.checkpoint import HuggingFaceStorageWriter
 
 # DCP's Hugging Face storage names (file names, header keys): private in torch, so the writer below produces
 # exactly what HuggingFaceStorageReader parses; tests read every saved file back through that reader.
@@ -52,15 +58,31 @@ from torch.distributed.checkpoint._hf_utils import (
     _gen_file_name,
 )
 from torch.distributed.checkpoint.filesystem import _StorageInfo
-from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex, TensorProperties
-from torch.distributed.checkpoint.planner import SavePlan, SavePlanner, TensorWriteData, WriteItem, WriteItemType
-from torch.distributed.checkpoint.storage import WriteResult
+from torch.distributed.checkpoint.metadata import (
+    ChunkStorageMetadata,
+    Metadata,
+    MetadataIndex,
+    TensorProperties,
+    TensorStorageMetadata,
+)
+from torch.distributed.checkpoint.planner import (
+    LoadPlan,
+    LoadPlanner,
+    ReadItem,
+    SavePlan,
+    SavePlanner,
+    TensorWriteData,
+    WriteItem,
+    WriteItemType,
+)
+from torch.distributed.checkpoint.storage import StorageReader, WriteResult
 from torch.futures import Future
 
 from aquila_ray.checkpoint import CheckpointWriter
 from aquila_ray.checkpoint.io import DEFAULT_SHARD_BYTES, _model_keys, atomic_directory
 from aquila_ray.config.base import from_dict
 from aquila_ray.config.model import ModelConfig
+from aquila_ray.data.shards import resolve_location
 from aquila_ray.errors import CheckpointError
 
 STATE_DIR = "state"
@@ -152,6 +174,7 @@ def state_file_index(model_config: ModelConfig, world_size: int, file_bytes: int
 
 _SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.float64: "F64",
                        torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8"}
+_DTYPES_BY_NAME = {name: dtype for dtype, name in _SAFETENSORS_DTYPES.items()}
 
 
 class StreamingStateWriter(HuggingFaceStorageWriter):
@@ -235,15 +258,144 @@ def save_sharded_state(directory: str | Path, fragments: Mapping[str, torch.Tens
     dcp.save(dict(fragments), storage_writer=writer)
 
 
-def load_sharded_state(directory: str | Path, fragments: Mapping[str, torch.Tensor]) -> None:
-    """Fill ``fragments`` (views into this rank's buffers) from a checkpoint written at any world size.
-    Collective. A key the checkpoint lacks raises CheckpointError naming it."""
-    d = Path(directory) / STATE_DIR
-    if not d.is_dir():
+@dataclass(frozen=True)
+class _SavedRange:
+    """Where one saved slice's bytes are: the file, the first byte, its shape and dtype."""
+
+    path: str
+    start: int
+    shape: torch.Size
+    dtype: torch.dtype
+
+
+def _read_header(f: pa.NativeFile, name: str) -> tuple[dict[str, Any], int]:
+    """A safetensors file's JSON header and where its data starts, from two range reads."""
+    size = int.from_bytes(bytes(f.read_at(8, 0)), "little")
+    if size <= 0 or size > f.size():
+        raise CheckpointError(f"{name}: not a safetensors file (header length {size})")
+    return dict(json.loads(bytes(f.read_at(size, 8)))), 8 + size
+
+
+class RangeStateReader(StorageReader):
+    """Reads the state files through a pyarrow filesystem (local, ``s3://``, ``gs://``) without
+    downloading them: each rank parses 1/world of the files' headers (the ranks then share them, as DCP
+    shares its plans), and reads only the byte ranges of the slices it loads, straight into its buffers (a
+    device buffer through a host piece of ``STAGING_BYTES``). The files are DCP's Hugging Face safetensors
+    layout (``StreamingStateWriter``, ``HuggingFaceStorageWriter``)."""
+
+    def __init__(self, filesystem: pafs.FileSystem, path: str) -> None:
+        super().__init__()
+        self.fs, self.path = filesystem, path.rstrip("/")
+        self.storage_data: dict[MetadataIndex, _SavedRange] = {}
+
+    def reset(self, checkpoint_id: str | os.PathLike[str] | None = None) -> None:
+        self.storage_data = {}
+
+    @classmethod
+    def validate_checkpoint_id(cls, checkpoint_id: str | os.PathLike[str]) -> bool:
+        return False
+
+    def _headers(self) -> list[tuple[str, dict[str, Any], int]]:
+        files = sorted(i.path for i in self.fs.get_file_info(pafs.FileSelector(self.path))
+                       if i.type == pafs.FileType.File and i.path.endswith(".safetensors"))
+        if not files:
+            raise CheckpointError(f"{self.path} holds no safetensors state files")
+        rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+        mine = []
+        for path in files[rank::world]:
+            with self.fs.open_input_file(path) as f:
+                header, start = _read_header(f, path)
+            mine.append((path, header, start))
+        if world == 1:
+            return mine
+        everyone: list[Any] = [None] * world
+        dist.all_gather_object(everyone, mine)
+        return [entry for part in everyone for entry in part]
+
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
+        tensors: dict[str, TensorStorageMetadata] = {}
+        storage: dict[MetadataIndex, _SavedRange] = {}
+        for path, header, start in self._headers():
+            sharding = json.loads(header.get("__metadata__", {}).get(CUSTOM_METADATA_KEY, "{}"))
+            for key, entry in header.items():
+                if key == "__metadata__":
+                    continue
+                shape, dtype = torch.Size(entry["shape"]), _DTYPES_BY_NAME[entry["dtype"]]
+                offsets = torch.Size(sharding.get(key, {}).get(SAVED_OFFSETS_KEY, [0] * len(shape)))
+                meta = tensors.setdefault(key, TensorStorageMetadata(TensorProperties(dtype=dtype), shape, []))
+                meta.chunks.append(ChunkStorageMetadata(offsets=offsets, sizes=shape))
+                meta.size = torch.Size(max(a, o + n) for a, o, n in zip(meta.size, offsets, shape, strict=True))
+                storage[MetadataIndex(key, offsets)] = _SavedRange(path, start + entry["data_offsets"][0], shape,
+                                                                   dtype)
+        return Metadata(state_dict_metadata=tensors, storage_data=storage)  # type: ignore[arg-type]
+
+    def set_up_storage_reader(self, metadata: Metadata, is_coordinator: bool, *args: Any, **kwargs: Any) -> None:
+        self.storage_data = metadata.storage_data
+
+    def prepare_local_plan(self, plan: LoadPlan) -> LoadPlan:
+        return plan
+
+    def prepare_global_plan(self, plans: list[LoadPlan]) -> list[LoadPlan]:
+        return plans
+
+    def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future[None]:
+        by_file: dict[str, list[ReadItem]] = {}
+        for item in plan.items:
+            by_file.setdefault(self.storage_data[item.storage_index].path, []).append(item)
+        for path, items in sorted(by_file.items()):
+            with self.fs.open_input_file(path) as f:
+                for item in items:
+                    self._read_item(f, item, planner)
+        fut: Future[None] = Future()
+        fut.set_result(None)
+        return fut
+
+    def _read_item(self, f: pa.NativeFile, item: ReadItem, planner: LoadPlanner) -> None:
+        saved = self.storage_data[item.storage_index]
+        row = math.prod(saved.shape[1:])
+        if any(o != 0 or n != d for o, n, d in zip(item.storage_offsets[1:], item.lengths[1:], saved.shape[1:],
+                                                   strict=True)):
+            raise CheckpointError(f"{item.storage_index.fqn}: only whole-row slices can be read as one range")
+        target = planner.resolve_tensor(item).detach()
+        numel = math.prod(item.lengths)
+        if target.numel() != numel or target.dtype != saved.dtype:
+            raise CheckpointError(f"{item.storage_index.fqn}: the load asks for {numel} {saved.dtype} values, "
+                                  f"the buffer holds {target.numel()} {target.dtype}")
+        size = saved.dtype.itemsize
+        first = saved.start + item.storage_offsets[0] * row * size
+        # the buffers are contiguous slices of the optimizer's flat buffers; anything else is read whole first
+        dest = target.view(-1) if target.is_contiguous() else torch.empty(numel, dtype=saved.dtype)
+        direct = dest.device.type == "cpu"
+        step = max(1, STAGING_BYTES // size) if target.is_contiguous() else numel
+        f.seek(first)
+        for lo in range(0, numel, step):
+            piece = dest[lo:lo + step] if direct else torch.empty(min(step, numel - lo), dtype=saved.dtype)
+            if f.readinto(piece.view(torch.uint8).numpy().data) != piece.numel() * size:
+                raise CheckpointError(f"{saved.path}: truncated at {item.storage_index.fqn}")
+            if not direct:
+                dest[lo:lo + piece.numel()].copy_(piece)
+        if not target.is_contiguous():
+            target.copy_(dest.view(target.shape))
+        planner.commit_tensor(item, target)
+
+
+def _state_location(directory: str | Path, filesystem: pafs.FileSystem | None) -> tuple[pafs.FileSystem, str]:
+    fs, root = resolve_location(directory, filesystem)
+    state = f"{root.rstrip('/')}/{STATE_DIR}"
+    if fs.get_file_info(state).type != pafs.FileType.Directory:
         raise CheckpointError(f"{directory} has no {STATE_DIR}/ directory: not a sharded training checkpoint "
                               f"(a model checkpoint starts a new run with init=checkpoint, init_from={directory})")
+    return fs, state
+
+
+def load_sharded_state(directory: str | Path, fragments: Mapping[str, torch.Tensor],
+                       filesystem: pafs.FileSystem | None = None) -> None:
+    """Fill ``fragments`` (views into this rank's buffers) from a checkpoint written at any world size, in
+    place on its storage (a local path, a URI, or a path inside ``filesystem``: ``RangeStateReader``).
+    Collective. A key the checkpoint lacks raises CheckpointError naming it."""
+    fs, state = _state_location(directory, filesystem)
     try:
-        dcp.load(dict(fragments), storage_reader=HuggingFaceStorageReader(str(d)))
+        dcp.load(dict(fragments), storage_reader=RangeStateReader(fs, state))
     except RuntimeError as e:
         if "Missing key in checkpoint" in str(e):
             raise CheckpointError(f"{directory} does not match this model: {e}") from e
@@ -293,18 +445,29 @@ def write_json(path: Path, content: Mapping[str, Any]) -> None:
     path.write_text(json.dumps(content, indent=2, default=str))
 
 
-def read_trainer_state(directory: str | Path) -> dict[str, Any]:
-    path = Path(directory) / TRAINER_STATE_NAME
-    if not path.is_file():
+def _read_small(directory: str | Path, name: str, filesystem: pafs.FileSystem | None) -> bytes | None:
+    """The bytes of a small checkpoint file (trainer state, RNG, buffers), or None when it is absent."""
+    fs, root = resolve_location(directory, filesystem)
+    path = f"{root.rstrip('/')}/{name}"
+    if fs.get_file_info(path).type != pafs.FileType.File:
+        return None
+    with fs.open_input_stream(path) as f:
+        return bytes(f.read())
+
+
+def read_trainer_state(directory: str | Path, filesystem: pafs.FileSystem | None = None) -> dict[str, Any]:
+    raw = _read_small(directory, TRAINER_STATE_NAME, filesystem)
+    if raw is None:
         raise CheckpointError(f"{directory} has no {TRAINER_STATE_NAME}: not a training checkpoint (a model "
                               f"checkpoint starts a new run with init=checkpoint, init_from={directory})")
-    return dict(json.loads(path.read_text()))
+    return dict(json.loads(raw))
 
 
-def read_rng(directory: str | Path, rank: int, same_world_size: bool) -> torch.Tensor | None:
+def read_rng(directory: str | Path, rank: int, same_world_size: bool,
+             filesystem: pafs.FileSystem | None = None) -> torch.Tensor | None:
     """This rank's saved RNG state when the world size is unchanged, else rank 0's (or None)."""
-    path = Path(directory) / rng_name(rank if same_world_size else 0)
-    return load_file(str(path))["torch_cpu"] if path.is_file() else None
+    raw = _read_small(directory, rng_name(rank if same_world_size else 0), filesystem)
+    return safetensors_load(raw)["torch_cpu"] if raw is not None else None
 
 
 def persistent_buffers(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -322,13 +485,13 @@ def save_buffers(directory: str | Path, model: torch.nn.Module) -> None:
 
 
 @torch.no_grad()
-def load_buffers(directory: str | Path, model: torch.nn.Module) -> None:
+def load_buffers(directory: str | Path, model: torch.nn.Module, filesystem: pafs.FileSystem | None = None) -> None:
     """Restore what ``save_buffers`` wrote into ``model``'s persistent buffers (every rank reads the file)."""
     wanted = persistent_buffers(model)
     if not wanted:
         return
-    path = Path(directory) / BUFFERS_NAME
-    saved = load_file(str(path)) if path.is_file() else {}
+    raw = _read_small(directory, BUFFERS_NAME, filesystem)
+    saved = safetensors_load(raw) if raw is not None else {}
     missing = sorted(set(wanted) - set(saved))
     if missing:
         raise CheckpointError(f"{directory} lacks the model buffers {missing[:3]} (of {len(missing)}) in "

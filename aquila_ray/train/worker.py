@@ -12,7 +12,6 @@ with the same name, or a different worker count or expert-parallel size) resumes
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
@@ -150,30 +149,30 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     per_rank = batch // dims.world_size
     grad_accum = per_rank // cfg.micro_batch_size
 
-    # Resume from what Ray Train registered, never from a directory listing. Every rank reads only the
-    # slices of the sharded state its new partition owns (any world size, any expert-parallel size).
+    # Resume from what Ray Train registered, never from a directory listing, in place on the storage path
+    # (local or s3://: nothing is downloaded). Every rank reads only the byte ranges of the sharded state its
+    # new partition owns (any world size, any expert-parallel size).
     state: dict[str, Any] = {"step": 0, "consumed_samples": cfg.data_start, "consumed_tokens": 0,
                              "cumulative_flops": 0.0}
     ckpt = ray.train.get_checkpoint()
-    with contextlib.ExitStack() as stack:
-        resume_dir = Path(stack.enter_context(ckpt.as_directory())) if ckpt is not None else None
-        saved = read_trainer_state(resume_dir) if resume_dir is not None else None
-        model_cfg = model_config_of(saved) if saved is not None else cfg.model
+    where = {"directory": ckpt.path, "filesystem": ckpt.filesystem} if ckpt is not None else None
+    saved = read_trainer_state(**where) if where is not None else None
+    model_cfg = model_config_of(saved) if saved is not None else cfg.model
 
-        # The fixed order (torchtitan's parallelize_llama): groups, model, parameter groups, engine.
-        ep = create_parallel_groups(dims, model_cfg)
-        model = build_worker_model(cfg, model_cfg, ep, device, resuming=saved is not None)
-        engine = build_engine(model, cfg, cfg.micro_batch_size, grad_accum, dims.world_size, ep)
-        module = engine.module
+    # The fixed order (torchtitan's parallelize_llama): groups, model, parameter groups, engine.
+    ep = create_parallel_groups(dims, model_cfg)
+    model = build_worker_model(cfg, model_cfg, ep, device, resuming=saved is not None)
+    engine = build_engine(model, cfg, cfg.micro_batch_size, grad_accum, dims.world_size, ep)
+    module = engine.module
 
-        if resume_dir is not None and saved is not None:
-            load_sharded_state(resume_dir, owned_state(engine, module))
-            load_buffers(resume_dir, module)
-            finish_load(engine, module, int(saved["optimizer_step"]))
-            state.update({k: saved[k] for k in state})
-            rng = read_rng(resume_dir, dims.rank, saved.get("world_size") == dims.world_size)
-            if rng is not None:
-                torch.set_rng_state(rng)
+    if where is not None and saved is not None:
+        load_sharded_state(fragments=owned_state(engine, module), **where)
+        load_buffers(model=module, **where)
+        finish_load(engine, module, int(saved["optimizer_step"]))
+        state.update({k: saved[k] for k in state})
+        rng = read_rng(rank=dims.rank, same_world_size=saved.get("world_size") == dims.world_size, **where)
+        if rng is not None:
+            torch.set_rng_state(rng)
     start_step = int(state["step"])
 
     flops_per_token = model_cfg.flops_per_token(seq_len)
