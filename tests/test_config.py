@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from aquila_ray.config import ModelConfig, MoEConfig, apply_overrides, from_dict, get_preset, to_dict
@@ -78,3 +80,23 @@ def test_flops_per_token_formula() -> None:
     assert cfg.flops_per_token(4096) == 6 * n + 12 * 32 * 32 * 128 * 4096
     moe = get_preset("aquila3-8x16b")
     assert moe.flops_per_token(1) < 6.1 * moe.num_params(active=True) < 6 * moe.num_params()
+
+
+def test_evaluation_budget_and_tasks_are_checked(tmp_path: Path) -> None:
+    """One validation pass reads min(eval_max_sequences, eval_tokens // seq_len, available) sequences (at
+    least one); bad budgets and a missing task file are refused by name before any run."""
+    from aquila_ray.config.recipe import build_recipe_config
+    from aquila_ray.config.train import TrainConfig
+    from aquila_ray.errors import ConfigError
+
+    assert TrainConfig(eval_max_sequences=64, eval_tokens=10_000_000).eval_sequences(128, 117) == 64
+    assert TrainConfig(eval_max_sequences=None, eval_tokens=1000).eval_sequences(128, 117) == 7
+    assert TrainConfig(eval_max_sequences=None, eval_tokens=None).eval_sequences(128, 117) == 117
+    assert TrainConfig(eval_tokens=10).eval_sequences(4096, 10**9) == 1
+    with pytest.raises(ConfigError, match=r"TrainConfig.eval_tokens=0 must be a positive integer"):
+        TrainConfig(eval_tokens=0)
+    with pytest.raises(ConfigError, match=r"TrainConfig.eval_tasks='.*nope.jsonl' is not a file; valid: a JSONL"):
+        TrainConfig(eval_tasks=str(tmp_path / "nope.jsonl"))
+    assert TrainConfig(eval_tasks="sample").eval_tasks == "sample"
+    with pytest.raises(ConfigError, match=r"RecipeConfig.eval_tokens=-5 must be a positive integer or null"):
+        build_recipe_config("tiny", None, ["eval_tokens=-5"])

@@ -170,14 +170,22 @@ def test_report_files_and_stage_outputs(run: dict[str, Any]) -> None:
     ev = report["evaluation"]
     assert sorted(ev) == ["train_large", "train_moe", "train_small"]
     for r in ev.values():
-        assert r["validation"]["sequences"] == 32 and 0 <= r["multiple_choice"]["accuracy"] <= 1
-        assert r["multiple_choice"]["items"] == 100
-    # the evaluate stage reuses the transitions' validation of the small and large finals (no second pass)
+        assert r["validation"]["sequences"] == 32 and r["validation"]["tokens"] == 32 * 128
+        assert 0 <= r["multiple_choice"]["accuracy"] <= 1 and r["multiple_choice"]["items"] == 100
+    # the evaluation is what each stage's workers measured after its last step; the transitions start from
+    # the same measurement (no second pass), and it equals a single-process evaluation of the exported final
+    from aquila_ray.eval import evaluate_checkpoint
     from aquila_ray.pipeline.stages import completed
 
     assert ev["train_small"]["validation"] == completed(root, "scale_up")["validation_before"]
     assert ev["train_large"]["validation"] == completed(root, "scale_out")["validation_before"]
     assert ev["train_small"]["checkpoint"] == completed(root, "train_small")["checkpoint"]
+    for name in ("train_small", "train_moe"):
+        alone = evaluate_checkpoint(ev[name]["checkpoint"], root / "data", tasks=ev[name]["multiple_choice"]["tasks"],
+                                    max_sequences=32)
+        assert ev[name]["validation"]["loss"] == pytest.approx(alone["validation"]["loss"], rel=1e-6)
+        assert ev[name]["validation"]["tokens"] == alone["validation"]["tokens"]
+        assert ev[name]["multiple_choice"]["correct"] == alone["multiple_choice"]["correct"]
     moe = aquila_ray.load_model(root / "stages" / "train_moe" / "final")
     assert moe.config.moe is not None and moe.config.moe.num_experts == 8
     assert moe(torch.tensor([[1, 2, 3]])).logits.shape == (1, 3, moe.config.vocab_size)

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from train_helpers import OutsideKill, check_resharded_load, training_state
+from train_helpers import OutsideKill, add_choice_tasks, check_resharded_load, training_state
 
 from aquila_ray.checkpoint import load_state_dict, save_model
 from aquila_ray.config.train import TrainConfig, build_train_config
@@ -53,15 +53,26 @@ def make_cfg(data_dir: Path, *extra: str) -> TrainConfig:
 
 
 @pytest.fixture(scope="module")
-def ep1(ray_cluster: Any, data_dir: Path, storage: Path) -> TrainResult:
-    return run_training(make_cfg(data_dir, "scaling.expert_parallel=1"), storage, "moe-ep1")
+def tasks(data_dir: Path) -> Path:
+    return add_choice_tasks(data_dir)
+
+
+def evaluated(data_dir: Path, tasks: Path, *extra: str) -> TrainConfig:
+    """A run that evaluates in its workers after the last step: validation (24 of the 32 sequences) and the
+    5-item multiple-choice file, sharded over the 2 ranks."""
+    return make_cfg(data_dir, "eval_every=0", "eval_max_sequences=24", f"eval_tasks={tasks}", *extra)
 
 
 @pytest.fixture(scope="module")
-def ep2(ray_cluster: Any, data_dir: Path, storage: Path) -> TrainResult:
+def ep1(ray_cluster: Any, data_dir: Path, tasks: Path, storage: Path) -> TrainResult:
+    return run_training(evaluated(data_dir, tasks, "scaling.expert_parallel=1"), storage, "moe-ep1")
+
+
+@pytest.fixture(scope="module")
+def ep2(ray_cluster: Any, data_dir: Path, tasks: Path, storage: Path) -> TrainResult:
     # selective recompute: the MoE half (router, all-to-all, experts) runs again in backward; the numbers
     # must not change (test_expert_parallel_2_matches_1 compares with EP 1 without recompute)
-    return run_training(make_cfg(data_dir, "scaling.expert_parallel=2", "activation_checkpointing=selective"),
+    return run_training(evaluated(data_dir, tasks, "scaling.expert_parallel=2", "activation_checkpointing=selective"),
                         storage, "moe-ep2")
 
 
@@ -99,6 +110,26 @@ def test_expert_parallel_2_matches_1(ep1: TrainResult, ep2: TrainResult) -> None
     # update can turn a 1e-8 gradient difference on a near-zero gradient into ~1e-5: far below lr=3e-3.
     for k in w1:
         torch.testing.assert_close(w2[k], w1[k], rtol=1e-4, atol=1e-4)
+
+
+def test_workers_evaluate_like_one_process(ep1: TrainResult, ep2: TrainResult, data_dir: Path, tasks: Path) -> None:
+    """The evaluation after the last step, run by the 2 ranks (EP 2: every forward an all-to-all, the rank
+    with 2 of the 5 items repeating one), equals one process evaluating the exported final model."""
+    from tokenizers import Tokenizer
+
+    from aquila_ray.checkpoint import load_model
+    from aquila_ray.eval import evaluate_loss, multiple_choice, read_tasks
+
+    model = load_model(ep2.checkpoint_path or "")
+    alone = evaluate_loss(model, data_dir, max_sequences=24)
+    choice = multiple_choice(model, Tokenizer.from_file(str(data_dir / "tokenizer.json")), read_tasks(tasks))
+    for result in (ep1, ep2):
+        last = read_metrics(result.metrics_path)[-1]
+        assert (last["val_tokens"], last["val_sequences"]) == (alone["tokens"], 24)
+        assert last["mc_items"] == 5 and last["mc_chance"] == pytest.approx(choice["chance"])
+    last = read_metrics(ep2.metrics_path)[-1]
+    assert last["val_loss"] == pytest.approx(alone["loss"], rel=1e-6)
+    assert last["mc_correct"] == choice["correct"] and last["mc_accuracy"] == choice["accuracy"]
 
 
 def test_online_upcycling_starts_at_the_dense_loss(ray_cluster: Any, data_dir: Path, storage: Path,

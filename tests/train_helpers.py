@@ -126,3 +126,23 @@ def check_resharded_load(cfg: TrainConfig, checkpoint: str, workers: int, out: P
                  scaling_config=ScalingConfig(num_workers=workers, resources_per_worker={"CPU": 1}),
                  run_config=RunConfig(name=name, storage_path=str(storage))).fit()  # type: ignore[call-arg]
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(workers)]
+
+
+def add_choice_tasks(data_dir: Path, items: int = 5) -> Path:
+    """Give synthetic shards a small real BPE tokenizer (``tokenizer.json``, 200 tokens: ids within any test
+    model's vocabulary) and a multiple-choice file of the bundled task's first ``items`` items (an odd count,
+    so two ranks get unequal shares); returns the task file."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    from aquila_ray.eval import SAMPLE_TASKS
+
+    lines = SAMPLE_TASKS.read_text(encoding="utf-8").splitlines()[:items]
+    text = [f"{t['question']} {' '.join(t['choices'])}" for t in map(json.loads, lines)]
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.train_from_iterator(text, trainers.BpeTrainer(vocab_size=200, special_tokens=["<unk>"],
+                                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.save(str(data_dir / "tokenizer.json"))
+    tasks = data_dir / "tasks.jsonl"
+    tasks.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return tasks

@@ -121,9 +121,12 @@ class RecipeConfig:
     data_overrides: list[str] = field(default_factory=list)
     """``field=value`` overrides for the data job when it runs (e.g. pack.seq_len=256)."""
     eval_tasks: str | None = "sample"
-    """Multiple-choice JSONL for the final evaluation; "sample" is the bundled cloze task, None skips it."""
+    """Multiple-choice JSONL scored by each stage's workers after its last step; "sample" is the bundled cloze
+    task, None skips it."""
     eval_max_sequences: int | None = None
-    """Cap on validation sequences per evaluation (None: the whole split)."""
+    """Cap on validation sequences per evaluation (None: the whole split, within ``eval_tokens``)."""
+    eval_tokens: int | None = 10_000_000
+    """Token budget of one validation pass (``TrainConfig.eval_tokens``)."""
     seed: int = 0
     """Seeds model init, data order, growth maps and the router."""
     wandb_project: str = "aquila-ray"
@@ -133,6 +136,10 @@ class RecipeConfig:
         if self.small.moe is not None or self.large.moe is not None:
             raise ConfigError("RecipeConfig.small and .large must be dense models (moe: null); the MoE shape comes "
                               "from RecipeConfig.moe")
+        for name in ("eval_tokens", "eval_max_sequences"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
+                raise ConfigError(f"RecipeConfig.{name}={value!r} must be a positive integer or null")
 
 
 def tiny_recipe() -> RecipeConfig:

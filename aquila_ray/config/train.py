@@ -233,7 +233,13 @@ class TrainConfig:
     eval_every: int = 0
     """Validation loss on the held-out split every N steps (0: only after the last step; -1: never)."""
     eval_max_sequences: int | None = 64
-    """Validation sequences per evaluation (None: the whole split)."""
+    """Validation sequences per evaluation (None: the whole split, within ``eval_tokens``)."""
+    eval_tokens: int | None = 10_000_000
+    """Token budget of one validation pass (None: no budget): at most this many tokens' sequences are read,
+    whatever ``eval_max_sequences`` and the split's size, so an evaluation's cost stays bounded at scale."""
+    eval_tasks: str | None = None
+    """Multiple-choice tasks (JSONL, local path or URI; "sample": the bundled cloze task) scored by the workers
+    after the last step, sharded over the ranks, with the data's tokenizer. None: none."""
     log_every: int = 1
     """Console line every N steps (metrics.jsonl and W&B get every step)."""
     peak_flops_per_worker: float | None = None
@@ -270,6 +276,12 @@ class TrainConfig:
             raise ConfigError(f"TrainConfig.eval_every={self.eval_every!r} must be an integer >= -1")
         if self.eval_max_sequences is not None:
             _check_positive_int("TrainConfig", eval_max_sequences=self.eval_max_sequences)
+        if self.eval_tokens is not None:
+            _check_positive_int("TrainConfig", eval_tokens=self.eval_tokens)
+        if self.eval_tasks not in (None, "sample") and "://" not in str(self.eval_tasks) \
+                and not Path(str(self.eval_tasks)).is_file():
+            raise ConfigError(f"TrainConfig.eval_tasks={self.eval_tasks!r} is not a file; valid: a JSONL task file "
+                              f"(local path or URI), \"sample\" (the bundled cloze task) or None")
         if self.peak_flops_per_worker is not None and not self.peak_flops_per_worker > 0:
             raise ConfigError(f"TrainConfig.peak_flops_per_worker={self.peak_flops_per_worker} must be > 0")
         moe = self.model.moe
@@ -288,6 +300,12 @@ class TrainConfig:
             if len(parts) != 2 or not all(p.isdigit() for p in parts):
                 raise ConfigError(f"TrainConfig.fault_injection={self.fault_injection!r} must look like "
                                   f"RANK@STEP (e.g. 1@5)")
+
+    def eval_sequences(self, seq_len: int, available: int) -> int:
+        """How many validation sequences one evaluation reads: ``eval_max_sequences`` and the ``eval_tokens``
+        budget (sequences of ``seq_len`` predicted tokens), within the ``available`` ones."""
+        n = min(self.eval_max_sequences or available, available)
+        return max(1, min(n, self.eval_tokens // seq_len)) if self.eval_tokens is not None else n
 
     def batch_sequences(self, seq_len: int) -> int:
         """Global batch in sequences; raises a ConfigError unless it divides into every worker count."""

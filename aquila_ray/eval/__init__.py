@@ -55,8 +55,13 @@ def evaluate_loss(model: torch.nn.Module, data_dir: str | Path, split: str = "va
 
 def read_tasks(path: str | Path) -> list[dict[str, Any]]:
     """A JSONL task file: one {"question": str, "choices": [str, ...], "answer": int} per line."""
+    return parse_tasks(Path(path).read_text(encoding="utf-8"), path)
+
+
+def parse_tasks(text: str, path: str | Path) -> list[dict[str, Any]]:
+    """The tasks of a JSONL task file's ``text`` (``path`` names it in errors)."""
     items = []
-    for i, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+    for i, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:
@@ -100,9 +105,11 @@ def choice_scores(model: torch.nn.Module, prompt: list[int], choices: list[list[
     return scores
 
 
-def multiple_choice(model: torch.nn.Module, tokenizer: Any, tasks: list[dict[str, Any]],
-                    max_len: int | None = None) -> dict[str, Any]:
-    """Accuracy of perplexity-based choice; ``tokenizer`` is a ``tokenizers.Tokenizer``."""
+def choice_counts(model: torch.nn.Module, tokenizer: Any, tasks: list[dict[str, Any]],
+                  max_len: int | None = None) -> tuple[int, float]:
+    """(items answered right, summed chance) of perplexity-based choice over ``tasks``, one forward per item;
+    ``tokenizer`` is a ``tokenizers.Tokenizer``. The trainer's workers run it on their share of the items."""
+    was_training = model.training
     model.eval()
     limit: int = max_len or int(model.config.max_seq_len)  # type: ignore[union-attr,arg-type]
     correct, chance = 0, 0.0
@@ -112,8 +119,18 @@ def multiple_choice(model: torch.nn.Module, tokenizer: Any, tasks: list[dict[str
         scores = choice_scores(model, prompt, choices, limit)
         correct += int(int(np.argmin(scores)) == item["answer"])
         chance += 1.0 / len(item["choices"])
-    n = len(tasks)
-    return {"accuracy": correct / n, "correct": correct, "items": n, "chance": chance / n}
+    model.train(was_training)
+    return correct, chance
+
+
+def choice_summary(correct: int, chance: float, items: int) -> dict[str, Any]:
+    return {"accuracy": correct / items, "correct": correct, "items": items, "chance": chance / items}
+
+
+def multiple_choice(model: torch.nn.Module, tokenizer: Any, tasks: list[dict[str, Any]],
+                    max_len: int | None = None) -> dict[str, Any]:
+    """Accuracy of perplexity-based choice; ``tokenizer`` is a ``tokenizers.Tokenizer``."""
+    return choice_summary(*choice_counts(model, tokenizer, tasks, max_len), len(tasks))
 
 
 def evaluate_checkpoint(ckpt: str | Path, data_dir: str | Path | None = None, split: str = "validation",

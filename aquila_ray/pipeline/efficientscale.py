@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -127,7 +128,10 @@ def plan_recipe(cfg: RecipeConfig, seq_len: int | None = None, vocab_size: int |
                         "moe": to_dict(models.moe.moe), "exactly_preserving_expected":
                         exactly_preserving(models.moe, UpcycleOptions(seed=cfg.seed))}
     out["evaluate"] = {"checkpoints": ["train_small", "train_large", "train_moe"],
-                       "validation_max_sequences": cfg.eval_max_sequences, "tasks": cfg.eval_tasks}
+                       "runs_as": "inside each stage's training workers, after its last step (and before its first "
+                                  "update for the stages that start from a checkpoint)",
+                       "validation_max_sequences": cfg.eval_max_sequences, "validation_tokens": cfg.eval_tokens,
+                       "tasks": cfg.eval_tasks}
     out["total_training_flops"] = total
     if cluster is not None:
         out["cluster_fit"] = cluster_fit(cluster, {name: out[name] for name in TRAIN_STAGES})
@@ -171,6 +175,22 @@ def _val_loss(rows: list[dict[str, Any]]) -> float | None:
     return float(vals[-1]) if vals else None
 
 
+def _evaluation(rows: list[dict[str, Any]], tasks: str | None) -> dict[str, Any]:
+    """What a stage's workers measured: ``validation`` after the last step, ``validation_start`` before the
+    first update (a stage started from a checkpoint) and ``multiple_choice``, from its metric rows."""
+    out: dict[str, Any] = {}
+    last = rows[-1] if rows else {}
+    if "val_tokens" in last:
+        out["validation"] = {"loss": last["val_loss"], "perplexity": math.exp(min(last["val_loss"], 50.0)),
+                             "tokens": last["val_tokens"], "sequences": last["val_sequences"]}
+    if rows and "val_loss_start" in rows[0]:
+        out["validation_start"] = {"loss": rows[0]["val_loss_start"]}
+    if "mc_items" in last:
+        out["multiple_choice"] = {"tasks": tasks, **{k: last[f"mc_{k}"] for k in ("accuracy", "correct", "items",
+                                                                                   "chance")}}
+    return out
+
+
 class _Run:
     """What the stages share: the recipe, the output root, where Ray Train keeps runs, how tasks run."""
 
@@ -182,28 +202,12 @@ class _Run:
 
         return resolve_models(self.cfg, read_manifest(outs["data"]["data_dir"]).vocab_size)
 
-    def evaluate(self, ckpt: str, data_dir: str, tasks: str | None = None,
-                 validation: dict[str, Any] | None = None) -> dict[str, Any]:
-        """Validation loss on ``data_dir`` and, with ``tasks``, multiple choice, as one Ray task. A
-        ``validation`` result measured earlier for this (immutable) checkpoint is reused, not recomputed."""
-        from aquila_ray.eval import evaluate_checkpoint
-        from aquila_ray.pipeline.tasks import run_task
-
-        if validation is not None:
-            if tasks is None:
-                return {"checkpoint": ckpt, "validation": validation}
-            tokenizer = str(Path(data_dir) / "tokenizer.json")
-            result = run_task(evaluate_checkpoint, ckpt, None, "validation", tasks, tokenizer, local=self.local)
-            return {**result, "validation": validation}
-        return run_task(evaluate_checkpoint, ckpt, data_dir, "validation", tasks, None, self.cfg.eval_max_sequences,
-                        local=self.local)
-
-    def before(self, ckpt: str, data_dir: str) -> dict[str, Any]:
-        """A transition's starting point: the validation of the checkpoint it transforms, kept whole (with the
-        sequence budget it used) so the evaluate stage can reuse it."""
-        validation = self.evaluate(ckpt, data_dir)["validation"]
-        return {"loss_before": validation["loss"], "validation_before": validation,
-                "eval_max_sequences": self.cfg.eval_max_sequences}
+    @staticmethod
+    def before(stage_out: dict[str, Any]) -> dict[str, Any]:
+        """A transition's starting point: the final validation of the stage whose checkpoint it transforms,
+        measured by that stage's workers (the loss just after the transform is the next stage's
+        ``validation_start``, measured by its workers before the first update)."""
+        return {"loss_before": stage_out["validation"]["loss"], "validation_before": stage_out["validation"]}
 
     # ------------------------------------------------------------------------------------------ stages
     def data(self, d: Path, outs: dict[str, dict[str, Any]]) -> dict[str, Any]:
@@ -244,7 +248,9 @@ class _Run:
         tc = stage_train_config(stage, model, outs["data"]["data_dir"], init=init, init_from=init_from,
                                 seed=self.cfg.seed, data_start=start, wandb_project=self.cfg.wandb_project,
                                 wandb_group=self.name)
-        tc = dataclasses.replace(tc, eval_max_sequences=self.cfg.eval_max_sequences)
+        tasks = str(SAMPLE_TASKS) if self.cfg.eval_tasks == "sample" else self.cfg.eval_tasks
+        tc = dataclasses.replace(tc, eval_max_sequences=self.cfg.eval_max_sequences, eval_tokens=self.cfg.eval_tokens,
+                                 eval_tasks=tasks)
         result = run_training(tc, self.storage, f"{self.name}.{name}")
         if result.checkpoint is None:
             raise ConfigError(f"stage {name}: Ray Train registered no checkpoint (run {result.run_dir})")
@@ -254,24 +260,23 @@ class _Run:
         return {"checkpoint": str(final), "model": model.describe(), "init": init, "init_from": init_from,
                 "data_start": start, "data_position": data_position(final),
                 "train_run": result.run_dir, "steps": rows[-1]["step"] if rows else None,
-                "final_loss": rows[-1]["loss"] if rows else None, "validation_loss": _val_loss(rows)}
+                "final_loss": rows[-1]["loss"] if rows else None, "validation_loss": _val_loss(rows),
+                **_evaluation(rows, tasks)}
 
     def scale_up(self, d: Path, outs: dict[str, dict[str, Any]]) -> dict[str, Any]:
         from aquila_ray.pipeline.tasks import run_scale_up
 
         src, dst = outs["train_small"]["checkpoint"], d / "model"
         report = run_scale_up(src, dst, growth_config(self.cfg), self.models(outs).large, local=self.local)
-        data_dir = outs["data"]["data_dir"]
         return {"checkpoint": str(dst), "method": report["method"], "depth_mode": report["depth_mode"],
                 "norm_mode": report["norm_mode"], "parameters": report["parameters"], "probe": report.get("probe"),
-                **self.before(src, data_dir), "loss_after": self.evaluate(str(dst), data_dir)["validation"]["loss"]}
+                **self.before(outs["train_small"])}
 
     def scale_out(self, d: Path, outs: dict[str, dict[str, Any]]) -> dict[str, Any]:
         src = outs["train_large"]["checkpoint"]
-        data_dir = outs["data"]["data_dir"]
-        before = self.before(src, data_dir)
+        before = self.before(outs["train_large"])
         if self.cfg.upcycle == "online":  # train_moe builds the experts from the dense checkpoint itself
-            return {"mode": "online", "dense_checkpoint": src, **before, "loss_after": None}
+            return {"mode": "online", "dense_checkpoint": src, **before}
         from aquila_ray.pipeline.tasks import run_scale_out
 
         dst = d / "model"
@@ -280,18 +285,13 @@ class _Run:
         moe = moe_model(self.cfg, load_config(src))
         report = run_scale_out(src, dst, moe, UpcycleOptions(seed=self.cfg.seed), local=self.local)
         return {"mode": "offline", "checkpoint": str(dst), "method": report["method"], "probe": report.get("probe"),
-                "parameters": report["parameters"], **before,
-                "loss_after": self.evaluate(str(dst), data_dir)["validation"]["loss"]}
+                "parameters": report["parameters"], **before}
 
     def final_eval(self, d: Path, outs: dict[str, dict[str, Any]]) -> dict[str, Any]:
-        tasks = None if self.cfg.eval_tasks is None else (
-            str(SAMPLE_TASKS) if self.cfg.eval_tasks == "sample" else self.cfg.eval_tasks)
-        # the transitions already measured the small and large finals' validation loss; reuse it when it was
-        # measured on the same number of sequences (a rerun may have changed eval_max_sequences)
-        known = {stage: outs[t].get("validation_before") for stage, t in (("train_small", "scale_up"),
-                                                                          ("train_large", "scale_out"))
-                 if outs[t].get("eval_max_sequences", -1) == self.cfg.eval_max_sequences}
-        results = {name: self.evaluate(outs[name]["checkpoint"], outs["data"]["data_dir"], tasks, known.get(name))
+        """The three finals' evaluations, as each stage's workers measured them after its last step (sharded,
+        in the stage's parallel layout, within the token budget): nothing is loaded again here."""
+        results = {name: {"checkpoint": outs[name]["checkpoint"],
+                          **{k: outs[name][k] for k in ("validation", "multiple_choice") if k in outs[name]}}
                    for name in TRAIN_STAGES}
         (d / "evaluation.json").write_text(json.dumps(results, indent=2))
         return {"results": results}
@@ -317,7 +317,7 @@ def write_report(root: Path, outs: dict[str, dict[str, Any]]) -> dict[str, Any]:
                              "metrics": read_metrics(stage_dir(root, name) / "metrics.jsonl"),
                              "validation_loss": val if val is not None else outs[name].get("validation_loss")})
     transitions = [{"name": t, "from_stage": a, "to_stage": b, "loss_before": outs[t].get("loss_before"),
-                    "loss_after": outs[t].get("loss_after")}
+                    "loss_after": outs.get(b, {}).get("validation_start", {}).get("loss")}
                    for t, a, b in (("scale_up", "train_small", "train_large"),
                                    ("scale_out", "train_large", "train_moe")) if t in outs]
     report = build_report(train_stages, transitions)

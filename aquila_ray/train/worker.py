@@ -28,6 +28,7 @@ import torch
 import torch.distributed as dist
 import torch.utils.deterministic
 from safetensors.torch import save_file
+from tokenizers import Tokenizer
 
 from aquila_ray.checkpoint import CheckpointWriter
 from aquila_ray.config.base import from_dict, to_dict
@@ -35,7 +36,7 @@ from aquila_ray.config.train import TrainConfig
 from aquila_ray.data.dataset import TokenDataset, rank_batch
 from aquila_ray.data.shards import join_location, read_manifest, resolve_location
 from aquila_ray.errors import ConversionError
-from aquila_ray.eval import sequence_loss
+from aquila_ray.eval import SAMPLE_TASKS, choice_counts, choice_summary, parse_tasks, sequence_loss
 from aquila_ray.hf.tokenizer import TOKENIZER_NAME, hf_tokenizer
 from aquila_ray.train.checkpointing import (
     TRAIN_CONFIG_NAME,
@@ -92,15 +93,40 @@ def _all_reduce_sum(t: torch.Tensor, world_size: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def validation_loss(model: torch.nn.Module, data: TokenDataset, cfg: TrainConfig, dims: ParallelDims) -> float:
-    """Mean next-token loss over the first ``eval_max_sequences`` validation sequences, split over ranks
-    (every rank runs the same number of forwards: expert parallelism needs all of them in each all-to-all)."""
-    n = min(cfg.eval_max_sequences or len(data), len(data))
+def validation(model: torch.nn.Module, data: TokenDataset, cfg: TrainConfig, dims: ParallelDims) -> dict[str, float]:
+    """Mean next-token loss over the first validation sequences (``TrainConfig.eval_sequences``: the
+    sequence cap and the token budget), split over ranks (every rank runs the same number of forwards:
+    expert parallelism needs all of them in each all-to-all); with the tokens and sequences it read."""
+    n = cfg.eval_sequences(data.seq_len, len(data))
     per_rank = max(1, n // dims.world_size)
     idx = (np.arange(dims.rank * per_rank, (dims.rank + 1) * per_rank) % len(data)).astype(np.int64)
     total = torch.tensor(sequence_loss(model, data, idx, cfg.micro_batch_size), dtype=torch.float64)
     _all_reduce_sum(total, dims.world_size)
-    return float(total[0] / total[1])
+    return {"loss": float(total[0] / total[1]), "tokens": int(total[1]), "sequences": per_rank * dims.world_size}
+
+
+def _read_bytes(location: str) -> bytes:
+    fs, path = resolve_location(location)
+    with fs.open_input_stream(path) as f:
+        return bytes(f.read())
+
+
+@torch.no_grad()
+def multiple_choice_sharded(model: torch.nn.Module, cfg: TrainConfig, dims: ParallelDims) -> dict[str, Any]:
+    """Perplexity-based multiple choice over ``cfg.eval_tasks`` with the data's tokenizer, rank r scoring
+    items r, r + world, ... and every rank running the same number of forwards (a rank short of items
+    repeats one and drops its score: expert parallelism needs every rank in each all-to-all); the counts
+    are summed over the ranks."""
+    source = str(SAMPLE_TASKS) if cfg.eval_tasks == "sample" else str(cfg.eval_tasks)
+    tasks = parse_tasks(_read_bytes(source).decode("utf-8"), source)
+    tokenizer = Tokenizer.from_str(_read_bytes(str(join_location(cfg.data_dir, TOKENIZER_NAME))).decode("utf-8"))
+    mine = tasks[dims.rank::dims.world_size]
+    correct, chance = choice_counts(model, tokenizer, mine) if mine else (0, 0.0)
+    short = -(-len(tasks) // dims.world_size) - len(mine)
+    if short:
+        choice_counts(model, tokenizer, tasks[:short])
+    total = _all_reduce_sum(torch.tensor([correct, chance], dtype=torch.float64), dims.world_size)
+    return {"tasks": source, **choice_summary(int(total[0]), float(total[1]), len(tasks))}
 
 
 def _sample_hash(idx: np.ndarray, dims: ParallelDims) -> str:
@@ -193,6 +219,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         # on the accumulated gradients before the step clips them, as ZeRO reports it
         own_grad_norm = effective_zero_stage(cfg, dims.world_size) == 0
         grad_norm: Any = None
+        # a stage that starts from a checkpoint (grown, upcycled) measures where it starts, before any update:
+        # the "just after the transform" point of EfficientScale's transitions, in the stage's own layout
+        start_validation = validation(module, val_data, cfg, dims) \
+            if val_data is not None and start_step == 0 and cfg.init != "scratch" else None
         while step < cfg.steps:
             _maybe_inject_fault(cfg, dims.rank, step + 1, log_dir)
             t0 = time.perf_counter()
@@ -246,8 +276,16 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 row.update(router_metrics(routing, grad_accum * dims.world_size))
                 balance_experts(module, routing[:, :-2])
             is_last = step == cfg.steps
+            if start_validation is not None:
+                row["val_loss_start"], start_validation = start_validation["loss"], None
             if val_data is not None and ((cfg.eval_every > 0 and step % cfg.eval_every == 0) or is_last):
-                row["val_loss"] = validation_loss(module, val_data, cfg, dims)
+                measured = validation(module, val_data, cfg, dims)
+                row["val_loss"] = measured["loss"]
+                if is_last:
+                    row.update(val_tokens=measured["tokens"], val_sequences=measured["sequences"])
+            if is_last and cfg.eval_tasks is not None:
+                choice = multiple_choice_sharded(module, cfg, dims)
+                row.update({f"mc_{k}": v for k, v in choice.items() if k != "tasks"})
             if logger is not None:
                 logger.log(row)
             last_row = row
