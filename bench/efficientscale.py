@@ -34,10 +34,8 @@ from aquila_ray.config.model import ModelConfig
 from aquila_ray.config.recipe import StageConfig
 from aquila_ray.config.train import stage_train_config
 from aquila_ray.eval import evaluate_checkpoint
-from aquila_ray.pipeline.efficientscale import data_position, export_model
+from aquila_ray.pipeline.efficientscale import train_stage
 from aquila_ray.pipeline.tasks import run_scale_out, run_scale_up
-from aquila_ray.train import run_training
-from aquila_ray.train.metrics import read_metrics
 from aquila_ray.upcycle import moe_config
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -65,14 +63,13 @@ class Bench:
         cfg = dataclasses.replace(cfg, eval_max_sequences=EVAL_SEQUENCES,
                                   wandb=dataclasses.replace(cfg.wandb, enabled=False))
         t0 = time.time()
-        result = run_training(cfg, self.work / "runs", name)
-        final = export_model(result.checkpoint, self.work / name)
-        rows = read_metrics(result.metrics_path)
+        trained = train_stage(cfg, str(self.work / "runs"), name, self.work / name)
+        rows = trained.rows
         curve = [(0.0, start_loss)] + [(float(r["cumulative_flops"]), float(r["val_loss"])) for r in rows
                                        if "val_loss" in r]
-        return {"name": name, "checkpoint": str(final), "steps": steps, "seconds": round(time.time() - t0, 1),
+        return {"name": name, "checkpoint": trained.checkpoint, "steps": steps, "seconds": round(time.time() - t0, 1),
                 "flops": float(rows[-1]["cumulative_flops"]), "flops_per_step": float(rows[-1]["cumulative_flops"])
-                / steps, "curve": curve, "final_val_loss": curve[-1][1], "data_position": data_position(final)}
+                / steps, "curve": curve, "final_val_loss": curve[-1][1], "data_position": trained.data_position}
 
     def val_loss(self, ckpt: str) -> float:
         return float(evaluate_checkpoint(ckpt, self.data_dir, max_sequences=EVAL_SEQUENCES)["validation"]["loss"])

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from aquila_ray.config.base import apply_overrides, from_dict, load_overlay, to_dict
+from aquila_ray.config.base import apply_overrides, from_dict, load_overlay, merge_overlay, to_dict
 from aquila_ray.errors import ConfigError
 
 SAMPLE_DIR = Path(__file__).resolve().parent / "sample"
@@ -471,22 +471,14 @@ def sources_from_inputs(inputs: list[str]) -> list[SourceConfig]:
     return out
 
 
-def _merge(base: dict[str, Any], overlay: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for key, value in overlay.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict) and key != "max_top_ngram_fraction":
-            out[key] = _merge(out[key], value)
-        else:
-            out[key] = value
-    return out
-
-
 def load_data_config(config_file: str | None = None, overrides: list[str] | None = None,
                      inputs: list[str] | None = None, output: str | None = None) -> DataConfig:
     """sample_config() <- YAML/JSON overlay <- --input/--output <- ``a.b=value`` overrides; errors before work."""
     cfg = sample_config()
     if config_file:
-        cfg = from_dict(DataConfig, _merge(to_dict(cfg), load_overlay(config_file)))
+        # an overlay's max_top_ngram_fraction ({n: fraction}) replaces the default table instead of extending it
+        cfg = from_dict(DataConfig, merge_overlay(to_dict(cfg), load_overlay(config_file),
+                                                  whole=frozenset({"max_top_ngram_fraction"})))
     if inputs:
         cfg = dataclasses.replace(cfg, sources=sources_from_inputs(inputs))
     if output:

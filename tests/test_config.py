@@ -100,3 +100,16 @@ def test_evaluation_budget_and_tasks_are_checked(tmp_path: Path) -> None:
     assert TrainConfig(eval_tasks="sample").eval_tasks == "sample"
     with pytest.raises(ConfigError, match=r"RecipeConfig.eval_tokens=-5 must be a positive integer or null"):
         build_recipe_config("tiny", None, ["eval_tokens=-5"])
+
+
+def test_one_overlay_merge_for_every_config() -> None:
+    """Recipes and the data job merge a YAML overlay on their preset the same way: nested mappings key by key,
+    a field named ``whole`` (a mapping-valued field, e.g. the data job's n-gram table) replaced outright."""
+    from aquila_ray.config.base import merge_overlay
+
+    base = {"a": {"x": 1, "y": {"p": 1, "q": 2}}, "table": {2: 0.2, 3: 0.18}, "b": 3}
+    assert merge_overlay(base, {"a": {"y": {"q": 5}}, "table": {2: 0.5}}) == \
+        {"a": {"x": 1, "y": {"p": 1, "q": 5}}, "table": {2: 0.5, 3: 0.18}, "b": 3}
+    assert merge_overlay(base, {"table": {2: 0.5}, "b": {"new": 1}}, whole=frozenset({"table"})) == \
+        {"a": {"x": 1, "y": {"p": 1, "q": 2}}, "table": {2: 0.5}, "b": {"new": 1}}
+    assert base["a"]["y"] == {"p": 1, "q": 2}  # the base is not modified

@@ -105,6 +105,19 @@ def _split(override: str) -> tuple[str, Any]:
     return key.strip(), _parse_scalar(text)
 
 
+def merge_overlay(base: dict[str, Any], overlay: dict[str, Any], whole: frozenset[str] = frozenset()
+                  ) -> dict[str, Any]:
+    """``overlay`` on top of ``base`` (both ``to_dict`` forms): nested mappings merge key by key, except the
+    fields named in ``whole`` (mapping-valued fields an overlay replaces as a whole); anything else replaces."""
+    out = dict(base)
+    for key, value in overlay.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict) and key not in whole:
+            out[key] = merge_overlay(out[key], value, whole)
+        else:
+            out[key] = value
+    return out
+
+
 def load_overlay(path: str | Path) -> dict[str, Any]:
     """Read a YAML or JSON file into a dict (the overlay applied on top of a preset)."""
     p = Path(path)

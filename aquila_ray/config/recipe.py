@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from aquila_ray.config.base import apply_overrides, from_dict, load_overlay, to_dict
+from aquila_ray.config.base import apply_overrides, from_dict, load_overlay, merge_overlay, to_dict
 from aquila_ray.config.model import ModelConfig, MoEConfig
 from aquila_ray.config.presets import get_preset
 from aquila_ray.config.train import ACTIVATION_CHECKPOINTING, model_from_overlay
@@ -205,13 +205,6 @@ def get_recipe(name: str) -> RecipeConfig:
 
 
 
-def _merge(base: dict[str, Any], overlay: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for k, v in overlay.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
-
 def _models_as_dicts(data: dict[str, Any]) -> dict[str, Any]:
     """``small``/``large`` given as a preset name or ``{preset: NAME, ...}`` become full field mappings."""
     for key in ("small", "large"):
@@ -228,7 +221,7 @@ def build_recipe_config(preset: str = "tiny", overlay: dict[str, Any] | str | Pa
     data = to_dict(get_recipe(preset))
     if overlay is not None:
         extra = load_overlay(overlay) if isinstance(overlay, (str, Path)) else dict(overlay)
-        data = _merge(data, _models_as_dicts(extra))
+        data = merge_overlay(data, _models_as_dicts(extra))
     plain: list[str] = []
     for o in overrides or []:
         key, _, value = o.partition("=")

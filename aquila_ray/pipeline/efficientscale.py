@@ -3,9 +3,10 @@
     data -> train_small -> scale_up -> train_large -> scale_out -> train_moe -> evaluate   (+ report)
 
 Each training stage is one Ray Train run (``aquila_ray.train.run_training``) named ``<run>.<stage>`` under
-the storage path, so a stage interrupted halfway resumes from its own last registered checkpoint. The
-transforms between them (Scale-Up, offline Scale-Out, evaluation) are Ray tasks that ask for the memory they
-need (``aquila_ray.pipeline.tasks``). Every stage leaves ``DIR/stages/<name>/_DONE.json``; a rerun of the
+the storage path, so a stage interrupted halfway resumes from its own last registered checkpoint, and
+evaluates itself in its workers (after its last step, and before its first update when it starts from a
+checkpoint). The transforms between them (Scale-Up, offline Scale-Out) are Ray tasks that ask for the
+memory they need (``aquila_ray.pipeline.tasks``). Every stage leaves ``DIR/stages/<name>/_DONE.json``; a rerun of the
 same command skips finished stages (``aquila_ray.pipeline.stages``). The run report (``report.json``,
 ``loss_vs_flops.png``) is rebuilt from the stage outputs after every run.
 
@@ -27,7 +28,7 @@ from aquila_ray.config.base import to_dict
 from aquila_ray.config.growth import GrowthConfig
 from aquila_ray.config.model import ModelConfig
 from aquila_ray.config.recipe import RecipeConfig, StageConfig
-from aquila_ray.config.train import stage_train_config
+from aquila_ray.config.train import TrainConfig, stage_train_config
 from aquila_ray.errors import ConfigError
 from aquila_ray.eval import SAMPLE_TASKS
 from aquila_ray.pipeline.report import build_report, plot_loss_vs_flops
@@ -170,6 +171,30 @@ def data_position(checkpoint: str | Path) -> int:
     return int(json.loads((Path(checkpoint) / "trainer_state.json").read_text())["data_position"])
 
 
+@dataclass(frozen=True)
+class TrainedStage:
+    """One training stage's outcome: its exported model checkpoint, its Ray Train run, its metric rows and
+    where in the sample stream it stopped."""
+
+    checkpoint: str
+    run_dir: str
+    rows: list[dict[str, Any]]
+    data_position: int
+
+
+def train_stage(cfg: TrainConfig, storage_path: str, run_name: str, final: Path) -> TrainedStage:
+    """Run (or resume: same ``run_name``) one stage as a Ray Train run, copy its final model into ``final`` and
+    read its metric rows (local or remote storage). The pipeline's training stages and the benchmarks that
+    train stage by stage (bench/efficientscale.py, bench/scale_out.py) all go through here."""
+    from aquila_ray.train import run_training  # deferred: Ray Train and DeepSpeed, not needed by --dry-run
+
+    result = run_training(cfg, storage_path, run_name)
+    if result.checkpoint is None:
+        raise ConfigError(f"run {run_name}: Ray Train registered no checkpoint (run {result.run_dir})")
+    path = export_model(result.checkpoint, final)
+    return TrainedStage(str(path), result.run_dir, read_run_metrics(result.run_dir), data_position(path))
+
+
 def _val_loss(rows: list[dict[str, Any]]) -> float | None:
     vals = [r["val_loss"] for r in rows if "val_loss" in r]
     return float(vals[-1]) if vals else None
@@ -227,7 +252,6 @@ class _Run:
 
     def train(self, name: str, d: Path, outs: dict[str, dict[str, Any]]) -> dict[str, Any]:
         from aquila_ray.checkpoint import load_config
-        from aquila_ray.train import run_training
 
         # a stage trains the shape its init checkpoint holds (exact growth rescales rms_norm_eps, for one)
         if name == "train_small":
@@ -251,15 +275,12 @@ class _Run:
         tasks = str(SAMPLE_TASKS) if self.cfg.eval_tasks == "sample" else self.cfg.eval_tasks
         tc = dataclasses.replace(tc, eval_max_sequences=self.cfg.eval_max_sequences, eval_tokens=self.cfg.eval_tokens,
                                  eval_tasks=tasks)
-        result = run_training(tc, self.storage, f"{self.name}.{name}")
-        if result.checkpoint is None:
-            raise ConfigError(f"stage {name}: Ray Train registered no checkpoint (run {result.run_dir})")
-        final = export_model(result.checkpoint, d / "final")
-        rows = read_run_metrics(result.run_dir)  # local, or the parts rank 0 uploaded to remote storage
+        trained = train_stage(tc, self.storage, f"{self.name}.{name}", d / "final")
+        rows = trained.rows
         (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-        return {"checkpoint": str(final), "model": model.describe(), "init": init, "init_from": init_from,
-                "data_start": start, "data_position": data_position(final),
-                "train_run": result.run_dir, "steps": rows[-1]["step"] if rows else None,
+        return {"checkpoint": trained.checkpoint, "model": model.describe(), "init": init, "init_from": init_from,
+                "data_start": start, "data_position": trained.data_position,
+                "train_run": trained.run_dir, "steps": rows[-1]["step"] if rows else None,
                 "final_loss": rows[-1]["loss"] if rows else None, "validation_loss": _val_loss(rows),
                 **_evaluation(rows, tasks)}
 
