@@ -3,7 +3,7 @@
 Methods: FPI (function-preserving initialization; Net2Net, arXiv 1511.05641, and bert2BERT, ACL 2022),
 AKI (bert2BERT's advanced knowledge initialization) and AKI-Pro (AquilaMoE, arXiv 2408.06567: AKI + depth
 by interpolation as in Apollo, arXiv 2401.09192, + GQA compatibility). The math is in DESIGN.md "Scale-Up".
-Field names match ``aquila_ray.config.recipe.GrowthOptions`` so a recipe's options convert one to one.
+A recipe holds one as its ``growth`` (``aquila_ray.config.recipe.RecipeConfig``).
 """
 
 from __future__ import annotations

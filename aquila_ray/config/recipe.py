@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from aquila_ray.config.base import apply_overrides, from_dict, load_overlay, merge_overlay, to_dict
+from aquila_ray.config.growth import GrowthConfig
 from aquila_ray.config.model import ModelConfig, MoEConfig
 from aquila_ray.config.presets import get_preset
 from aquila_ray.config.train import ACTIVATION_CHECKPOINTING, model_from_overlay
@@ -83,20 +84,6 @@ class StageConfig:
 
 
 @dataclass
-class GrowthOptions:
-    """How the small model grows into the large one (aquila_ray.growth)."""
-
-    method: Literal["fpi", "aki", "aki-pro"] = "aki-pro"
-    """fpi: function preserving; aki: bert2BERT advanced knowledge init; aki-pro: AquilaMoE's AKI-Pro."""
-    depth_mode: Literal["interpolate", "stack", "identity"] | None = None
-    """None: the method's own (fpi/aki-pro: interpolate, aki: stack); identity keeps the function exact."""
-    norm_mode: Literal["exact", "paper"] = "exact"
-    """exact: sqrt-split RMSNorm rescaling (exact at any width ratio); paper: plain 1/c splitting."""
-    map: Literal["circular", "random"] = "circular"
-    """How new units pick their source unit."""
-
-
-@dataclass
 class RecipeConfig:
     """The whole EfficientScale run."""
 
@@ -104,8 +91,8 @@ class RecipeConfig:
     """The small dense model trained first (vocab_size is taken from the tokenizer)."""
     large: ModelConfig = field(default_factory=lambda: get_preset("tiny-large"))
     """The Scale-Up target (same vocabulary, head_dim, KV heads and RoPE as small)."""
-    growth: GrowthOptions = field(default_factory=GrowthOptions)
-    """Scale-Up method and options."""
+    growth: GrowthConfig = field(default_factory=GrowthConfig)
+    """Scale-Up method and options (``jobs.grow``'s config; its ``seed`` seeds the random maps and probe)."""
     moe: MoEConfig = field(default_factory=MoEConfig)
     """Scale-Out: experts, top-k, router init, loss coefficients."""
     upcycle: Literal["offline", "online"] = "offline"
@@ -128,7 +115,7 @@ class RecipeConfig:
     eval_tokens: int | None = 10_000_000
     """Token budget of one validation pass (``TrainConfig.eval_tokens``)."""
     seed: int = 0
-    """Seeds model init, data order, growth maps and the router."""
+    """Seeds model init, data order and the router (`growth.seed` seeds the growth's random maps and probe)."""
     wandb_project: str = "aquila-ray"
     """W&B project; every stage logs to one W&B group named after the run."""
 
@@ -151,7 +138,7 @@ def tiny_recipe() -> RecipeConfig:
     return RecipeConfig(
         small=get_preset("tiny"),
         large=get_preset("tiny-large"),
-        growth=GrowthOptions(method="fpi", depth_mode="identity", norm_mode="exact"),
+        growth=GrowthConfig(method="fpi", depth_mode="identity", norm_mode="exact"),
         moe=MoEConfig(num_experts=8, top_k=2),
         stage_small=StageConfig(steps=150, **stage),  # type: ignore[arg-type]
         stage_large=StageConfig(steps=100, **{**stage, "lr": 2e-3}),  # type: ignore[arg-type]
@@ -173,7 +160,7 @@ def aquila3_recipe() -> RecipeConfig:
     return RecipeConfig(
         small=get_preset("aquila3-7b"),
         large=get_preset("aquila3-16b"),
-        growth=GrowthOptions(method="aki-pro"),
+        growth=GrowthConfig(method="aki-pro"),
         moe=MoEConfig(num_experts=8, top_k=2, aux_loss_coeff=0.001, z_loss_coeff=0.01),
         upcycle="online",
         stage_small=StageConfig(steps=round(3.6e12 / small_batch), lr=1.2e-3, global_batch_tokens=small_batch,

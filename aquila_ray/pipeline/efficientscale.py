@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import Any
 
 from aquila_ray.config.base import to_dict
-from aquila_ray.config.growth import GrowthConfig
 from aquila_ray.config.model import ModelConfig
 from aquila_ray.config.recipe import RecipeConfig, StageConfig
 from aquila_ray.config.train import TrainConfig, stage_train_config
@@ -68,7 +67,7 @@ def resolve_models(cfg: RecipeConfig, vocab_size: int | None = None) -> Models:
         return m if vocab_size is None else dataclasses.replace(m, vocab_size=vocab_size, extra=dict(m.extra))
 
     small, large = vocab(cfg.small), vocab(cfg.large)
-    make_plan(small, large, growth_config(cfg))  # validates the growth (shrinking, head_dim, KV groups, ...)
+    make_plan(small, large, cfg.growth)  # validates the growth (shrinking, head_dim, KV groups, ...)
     return Models(small, large, moe_model(cfg, large))
 
 
@@ -80,11 +79,6 @@ def moe_model(cfg: RecipeConfig, dense: ModelConfig) -> ModelConfig:
     fields = {k: v for k, v in m.items() if k not in ("num_experts", "top_k", "granularity",
                                                       "expert_intermediate_size")}
     return moe_config(dense, m["num_experts"], m["top_k"], m["granularity"], **fields)
-
-
-def growth_config(cfg: RecipeConfig) -> GrowthConfig:
-    g = cfg.growth
-    return GrowthConfig(method=g.method, depth_mode=g.depth_mode, norm_mode=g.norm_mode, map=g.map, seed=cfg.seed)
 
 
 def plan_recipe(cfg: RecipeConfig, seq_len: int | None = None, vocab_size: int | None = None,
@@ -122,7 +116,7 @@ def plan_recipe(cfg: RecipeConfig, seq_len: int | None = None, vocab_size: int |
                        "train_moe": "upcycle (online)" if cfg.upcycle == "online" else "checkpoint: scale_out"}[name])
         total += p["total_flops"]
         out[name] = p
-    g = {k: _compact(v) for k, v in make_plan(models.small, models.large, growth_config(cfg)).summary().items()}
+    g = {k: _compact(v) for k, v in make_plan(models.small, models.large, cfg.growth).summary().items()}
     out["scale_up"] = {"runs_as": "Ray task", "method": cfg.growth.method, "plan": g}
     out["scale_out"] = {"runs_as": "Ray task (offline)" if cfg.upcycle == "offline" else
                         "online, inside train_moe (each expert-parallel rank builds its experts)",
@@ -288,7 +282,7 @@ class _Run:
         from aquila_ray.pipeline.tasks import run_scale_up
 
         src, dst = outs["train_small"]["checkpoint"], d / "model"
-        report = run_scale_up(src, dst, growth_config(self.cfg), self.models(outs).large, local=self.local)
+        report = run_scale_up(src, dst, self.cfg.growth, self.models(outs).large, local=self.local)
         return {"checkpoint": str(dst), "method": report["method"], "depth_mode": report["depth_mode"],
                 "norm_mode": report["norm_mode"], "parameters": report["parameters"], "probe": report.get("probe"),
                 **self.before(outs["train_small"])}
