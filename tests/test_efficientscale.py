@@ -94,6 +94,35 @@ def test_until_must_name_a_stage(tmp_path: Path) -> None:
         run_efficientscale(build_recipe_config("tiny"), tmp_path, until="train")
 
 
+def test_stage_results_are_typed_and_read_back_from_their_markers(tmp_path: Path) -> None:
+    """run_stages hands each stage the typed results of the ones before; a rerun rebuilds them from the
+    markers (same dataclasses, nested ones too) without running the stage again; a damaged marker is an
+    error naming the stage and the field."""
+    from aquila_ray.pipeline.results import DataResult, TransitionResult, Validation
+    from aquila_ray.pipeline.stages import Stage, run_stages
+
+    calls: list[str] = []
+
+    def data(d: Path, outs: dict[str, Any]) -> DataResult:
+        calls.append("data")
+        return DataResult(data_dir=str(d), seq_len=128, vocab_size=512, sequences={"train": 10, "validation": 2})
+
+    def grow(d: Path, outs: dict[str, Any]) -> TransitionResult:
+        calls.append("grow")
+        assert isinstance(outs["data"], DataResult) and outs["data"].seq_len == 128
+        return TransitionResult(loss_before=4.5, validation_before=Validation(loss=4.5, tokens=256), method="fpi")
+
+    stages = [Stage("data", "prepare_data", data, DataResult), Stage("grow", "scale_up", grow, TransitionResult)]
+    first = run_stages(tmp_path, stages)
+    again = run_stages(tmp_path, stages)
+    assert calls == ["data", "grow"] and again == first
+    assert isinstance(again["grow"].validation_before, Validation) and again["grow"].validation_before.tokens == 256
+    marker = tmp_path / "stages" / "grow" / MARKER
+    marker.write_text(marker.read_text().replace('"method"', '"methd"'))
+    with pytest.raises(ConfigError, match=r"unknown field\(s\) \['grow/_DONE.json: methd'\] for TransitionResult"):
+        run_stages(tmp_path, stages)
+
+
 # ---------------------------------------------------------------------------------------------- the pipeline
 STEPS = ["stage_small.steps=60", "stage_large.steps=30", "stage_moe.steps=40", "stage_small.checkpoint_every=30",
          "stage_large.checkpoint_every=30", "stage_moe.checkpoint_every=20", "eval_max_sequences=32",

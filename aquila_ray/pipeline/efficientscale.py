@@ -19,7 +19,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,7 +30,15 @@ from aquila_ray.config.train import TrainConfig, stage_train_config
 from aquila_ray.errors import ConfigError
 from aquila_ray.eval import SAMPLE_TASKS
 from aquila_ray.pipeline.report import build_report, plot_loss_vs_flops
-from aquila_ray.pipeline.stages import Stage, run_stages, stage_dir
+from aquila_ray.pipeline.results import (
+    DataResult,
+    EvaluationResult,
+    StageResult,
+    TransitionResult,
+    choice_from_rows,
+    validation_from_rows,
+)
+from aquila_ray.pipeline.stages import Stage, completed, run_stages, stage_dir
 from aquila_ray.plan import PlanAssumptions, cluster_fit, stage_plan
 from aquila_ray.train.metrics import read_metrics, read_run_metrics
 from aquila_ray.upcycle import UpcycleOptions
@@ -194,42 +201,29 @@ def _val_loss(rows: list[dict[str, Any]]) -> float | None:
     return float(vals[-1]) if vals else None
 
 
-def _evaluation(rows: list[dict[str, Any]], tasks: str | None) -> dict[str, Any]:
-    """What a stage's workers measured: ``validation`` after the last step, ``validation_start`` before the
-    first update (a stage started from a checkpoint) and ``multiple_choice``, from its metric rows."""
-    out: dict[str, Any] = {}
-    last = rows[-1] if rows else {}
-    if "val_tokens" in last:
-        out["validation"] = {"loss": last["val_loss"], "perplexity": math.exp(min(last["val_loss"], 50.0)),
-                             "tokens": last["val_tokens"], "sequences": last["val_sequences"]}
-    if rows and "val_loss_start" in rows[0]:
-        out["validation_start"] = {"loss": rows[0]["val_loss_start"]}
-    if "mc_items" in last:
-        out["multiple_choice"] = {"tasks": tasks, **{k: last[f"mc_{k}"] for k in ("accuracy", "correct", "items",
-                                                                                   "chance")}}
-    return out
-
-
 class _Run:
     """What the stages share: the recipe, the output root, where Ray Train keeps runs, how tasks run."""
 
     def __init__(self, cfg: RecipeConfig, root: Path, storage_path: str, run_name: str, local_tasks: bool) -> None:
         self.cfg, self.root, self.storage, self.name, self.local = cfg, root, storage_path, run_name, local_tasks
 
-    def models(self, outs: dict[str, dict[str, Any]]) -> Models:
+    def models(self, outs: dict[str, Any]) -> Models:
         from aquila_ray.data.shards import read_manifest
 
-        return resolve_models(self.cfg, read_manifest(outs["data"]["data_dir"]).vocab_size)
+        return resolve_models(self.cfg, read_manifest(outs["data"].data_dir).vocab_size)
 
     @staticmethod
-    def before(stage_out: dict[str, Any]) -> dict[str, Any]:
+    def before(stage: StageResult) -> dict[str, Any]:
         """A transition's starting point: the final validation of the stage whose checkpoint it transforms,
         measured by that stage's workers (the loss just after the transform is the next stage's
         ``validation_start``, measured by its workers before the first update)."""
-        return {"loss_before": stage_out["validation"]["loss"], "validation_before": stage_out["validation"]}
+        if stage.validation is None:
+            raise ConfigError(f"{stage.checkpoint}: its stage measured no final validation (eval_every=-1?); a "
+                              f"transition needs it")
+        return {"loss_before": stage.validation.loss, "validation_before": stage.validation}
 
     # ------------------------------------------------------------------------------------------ stages
-    def data(self, d: Path, outs: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    def data(self, d: Path, outs: dict[str, Any]) -> DataResult:
         from aquila_ray.data.shards import read_manifest
 
         if self.cfg.data_dir:
@@ -241,29 +235,29 @@ class _Run:
             config = load_data_config(None, self.cfg.data_overrides, None, str(self.root / "data"))
             data_dir = str(prepare_data(config))
         m = read_manifest(data_dir)
-        return {"data_dir": data_dir, "seq_len": m.seq_len, "vocab_size": m.vocab_size,
-                "sequences": {k: v.num_sequences for k, v in m.splits.items()}}
+        return DataResult(data_dir=data_dir, seq_len=m.seq_len, vocab_size=m.vocab_size,
+                          sequences={k: v.num_sequences for k, v in m.splits.items()})
 
-    def train(self, name: str, d: Path, outs: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    def train(self, name: str, d: Path, outs: dict[str, Any]) -> StageResult:
         from aquila_ray.checkpoint import load_config
 
         # a stage trains the shape its init checkpoint holds (exact growth rescales rms_norm_eps, for one)
         if name == "train_small":
             model, init, init_from = self.models(outs).small, "scratch", None
         elif name == "train_large":
-            init, init_from = "checkpoint", outs["scale_up"]["checkpoint"]
+            init, init_from = "checkpoint", outs["scale_up"].checkpoint
             model = load_config(init_from)
         elif self.cfg.upcycle == "online":
-            init, init_from = "upcycle", outs["train_large"]["checkpoint"]
+            init, init_from = "upcycle", outs["train_large"].checkpoint
             model = moe_model(self.cfg, load_config(init_from))
         else:
-            init, init_from = "checkpoint", outs["scale_out"]["checkpoint"]
+            init, init_from = "checkpoint", outs["scale_out"].checkpoint
             model = load_config(init_from)
         stage: StageConfig = getattr(self.cfg, TRAIN_STAGES[name])
         # the token stream continues where the previous stage stopped (no replay of what it has seen)
         prev = {"train_large": "train_small", "train_moe": "train_large"}.get(name)
-        start = data_position(outs[prev]["checkpoint"]) if prev else 0
-        tc = stage_train_config(stage, model, outs["data"]["data_dir"], init=init, init_from=init_from,
+        start = outs[prev].data_position if prev else 0
+        tc = stage_train_config(stage, model, outs["data"].data_dir, init=init, init_from=init_from,
                                 seed=self.cfg.seed, data_start=start, wandb_project=self.cfg.wandb_project,
                                 wandb_group=self.name)
         tasks = str(SAMPLE_TASKS) if self.cfg.eval_tasks == "sample" else self.cfg.eval_tasks
@@ -272,26 +266,27 @@ class _Run:
         trained = train_stage(tc, self.storage, f"{self.name}.{name}", d / "final")
         rows = trained.rows
         (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-        return {"checkpoint": trained.checkpoint, "model": model.describe(), "init": init, "init_from": init_from,
-                "data_start": start, "data_position": trained.data_position,
-                "train_run": trained.run_dir, "steps": rows[-1]["step"] if rows else None,
-                "final_loss": rows[-1]["loss"] if rows else None, "validation_loss": _val_loss(rows),
-                **_evaluation(rows, tasks)}
+        validation, start_validation = validation_from_rows(rows)
+        return StageResult(checkpoint=trained.checkpoint, model=model.describe(), init=init, init_from=init_from,
+                           data_start=start, data_position=trained.data_position, train_run=trained.run_dir,
+                           steps=rows[-1]["step"] if rows else None, final_loss=rows[-1]["loss"] if rows else None,
+                           validation_loss=_val_loss(rows), validation=validation, validation_start=start_validation,
+                           multiple_choice=choice_from_rows(rows, tasks))
 
-    def scale_up(self, d: Path, outs: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    def scale_up(self, d: Path, outs: dict[str, Any]) -> TransitionResult:
         from aquila_ray.pipeline.tasks import run_scale_up
 
-        src, dst = outs["train_small"]["checkpoint"], d / "model"
+        src, dst = outs["train_small"].checkpoint, d / "model"
         report = run_scale_up(src, dst, self.cfg.growth, self.models(outs).large, local=self.local)
-        return {"checkpoint": str(dst), "method": report["method"], "depth_mode": report["depth_mode"],
-                "norm_mode": report["norm_mode"], "parameters": report["parameters"], "probe": report.get("probe"),
-                **self.before(outs["train_small"])}
+        return TransitionResult(checkpoint=str(dst), method=report["method"], depth_mode=report["depth_mode"],
+                                norm_mode=report["norm_mode"], parameters=report["parameters"],
+                                probe=report.get("probe"), **self.before(outs["train_small"]))
 
-    def scale_out(self, d: Path, outs: dict[str, dict[str, Any]]) -> dict[str, Any]:
-        src = outs["train_large"]["checkpoint"]
+    def scale_out(self, d: Path, outs: dict[str, Any]) -> TransitionResult:
+        src = outs["train_large"].checkpoint
         before = self.before(outs["train_large"])
         if self.cfg.upcycle == "online":  # train_moe builds the experts from the dense checkpoint itself
-            return {"mode": "online", "dense_checkpoint": src, **before}
+            return TransitionResult(mode="online", dense_checkpoint=src, **before)
         from aquila_ray.pipeline.tasks import run_scale_out
 
         dst = d / "model"
@@ -299,46 +294,50 @@ class _Run:
 
         moe = moe_model(self.cfg, load_config(src))
         report = run_scale_out(src, dst, moe, UpcycleOptions(seed=self.cfg.seed), local=self.local)
-        return {"mode": "offline", "checkpoint": str(dst), "method": report["method"], "probe": report.get("probe"),
-                "parameters": report["parameters"], **before}
+        return TransitionResult(mode="offline", checkpoint=str(dst), method=report["method"],
+                                probe=report.get("probe"), parameters=report["parameters"], **before)
 
-    def final_eval(self, d: Path, outs: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    def final_eval(self, d: Path, outs: dict[str, Any]) -> EvaluationResult:
         """The three finals' evaluations, as each stage's workers measured them after its last step (sharded,
         in the stage's parallel layout, within the token budget): nothing is loaded again here."""
-        results = {name: {"checkpoint": outs[name]["checkpoint"],
-                          **{k: outs[name][k] for k in ("validation", "multiple_choice") if k in outs[name]}}
-                   for name in TRAIN_STAGES}
+        results = {}
+        for name in TRAIN_STAGES:
+            stage: StageResult = outs[name]
+            results[name] = {"checkpoint": stage.checkpoint, **{k: to_dict(v) for k, v in (
+                ("validation", stage.validation), ("multiple_choice", stage.multiple_choice)) if v is not None}}
         (d / "evaluation.json").write_text(json.dumps(results, indent=2))
-        return {"results": results}
+        return EvaluationResult(results=results)
 
     def stages(self) -> list[Stage]:
         def train(name: str) -> Stage:
-            return Stage(name, "train", lambda d, o: self.train(name, d, o))
+            return Stage(name, "train", lambda d, o: self.train(name, d, o), StageResult)
 
-        return [Stage("data", "prepare_data", self.data), train("train_small"),
-                Stage("scale_up", "scale_up", self.scale_up), train("train_large"),
-                Stage("scale_out", "scale_out", self.scale_out), train("train_moe"),
-                Stage("evaluate", "evaluate", self.final_eval)]
+        return [Stage("data", "prepare_data", self.data, DataResult), train("train_small"),
+                Stage("scale_up", "scale_up", self.scale_up, TransitionResult), train("train_large"),
+                Stage("scale_out", "scale_out", self.scale_out, TransitionResult), train("train_moe"),
+                Stage("evaluate", "evaluate", self.final_eval, EvaluationResult)]
 
 
-def write_report(root: Path, outs: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """report.json and loss_vs_flops.png from the stages done so far."""
+def write_report(root: Path, outs: dict[str, Any]) -> dict[str, Any]:
+    """report.json and loss_vs_flops.png from the stages done so far (their typed results, by name)."""
     train_stages = []
     for name in TRAIN_STAGES:
         if name not in outs:
             continue
-        val = outs.get("evaluate", {}).get("results", {}).get(name, {}).get("validation", {}).get("loss")
-        train_stages.append({"name": name, "model": outs[name].get("model"),
+        stage: StageResult = outs[name]
+        train_stages.append({"name": name, "model": stage.model,
                              "metrics": read_metrics(stage_dir(root, name) / "metrics.jsonl"),
-                             "validation_loss": val if val is not None else outs[name].get("validation_loss")})
-    transitions = [{"name": t, "from_stage": a, "to_stage": b, "loss_before": outs[t].get("loss_before"),
-                    "loss_after": outs.get(b, {}).get("validation_start", {}).get("loss")}
-                   for t, a, b in (("scale_up", "train_small", "train_large"),
-                                   ("scale_out", "train_large", "train_moe")) if t in outs]
+                             "validation_loss": stage.validation.loss if stage.validation else stage.validation_loss})
+    transitions = []
+    for t, a, b in (("scale_up", "train_small", "train_large"), ("scale_out", "train_large", "train_moe")):
+        if t in outs:
+            after = outs[b].validation_start if b in outs else None
+            transitions.append({"name": t, "from_stage": a, "to_stage": b, "loss_before": outs[t].loss_before,
+                                "loss_after": after.loss if after is not None else None})
     report = build_report(train_stages, transitions)
-    report["stage_seconds"] = {k: v.get("seconds") for k, v in outs.items()}
+    report["stage_seconds"] = {k: (completed(root, k) or {}).get("seconds") for k in outs}
     if "evaluate" in outs:
-        report["evaluation"] = outs["evaluate"]["results"]
+        report["evaluation"] = outs["evaluate"].results
     (root / REPORT_NAME).write_text(json.dumps(report, indent=2))
     if any(s["metrics"] for s in train_stages):
         plot_loss_vs_flops(train_stages, root / PLOT_NAME)
