@@ -146,6 +146,20 @@ def test_model_data_mismatches(data_dir: Path, tmp_path: Path) -> None:
         cfg_for(data_dir, "init=upcycle", "init_from=/x")
 
 
+def test_evaluation_inputs_are_checked_before_any_worker(data_dir: Path, tmp_path: Path) -> None:
+    """eval_tasks is read and parsed, and the data's tokenizer looked for, by validate (before workers start),
+    so a bad task file or data without a tokenizer fails at once, not after the last training step."""
+    with pytest.raises(DataError, match=r"eval_tasks='sample' needs the data's tokenizer, and .* has no "
+                                        r"tokenizer.json"):
+        validate(cfg_for(data_dir, "eval_tasks=sample"))  # synthetic shards carry no tokenizer
+    bad = tmp_path / "tasks.jsonl"
+    bad.write_text('{"question": "q", "choices": ["a"], "answer": 0}\n')
+    with pytest.raises(DataError, match=r"tasks.jsonl:1: expected \{'question': str, 'choices': \[>= 2 str\]"):
+        validate(cfg_for(data_dir, f"eval_tasks={bad}"))
+    with pytest.raises(DataError, match=r"eval_tasks='file:///nowhere/tasks.jsonl': no such file"):
+        validate(cfg_for(data_dir, "eval_tasks=file:///nowhere/tasks.jsonl"))
+
+
 def test_config_fields_are_checked() -> None:
     with pytest.raises(ConfigError, match=r"OptimizerConfig.lr=0.0 must be > 0"):
         build_train_config({}, ["optimizer.lr=0"])

@@ -115,6 +115,16 @@ def resolve_location(location: str | Path,
                         f"file://, s3://, gs:// or hdfs:// URI") from e
 
 
+def read_bytes(location: str | Path, filesystem: pafs.FileSystem | None = None) -> bytes | None:
+    """A small file's bytes (a manifest, a tokenizer, a task file, a checkpoint's trainer state) from a local
+    path, a URI or a path inside ``filesystem``; None when there is no such file."""
+    fs, path = resolve_location(location, filesystem)
+    if fs.get_file_info(path).type != pafs.FileType.File:
+        return None
+    with fs.open_input_stream(path) as f:
+        return bytes(f.read())
+
+
 def join_location(root: str | Path, relative: str) -> str | Path:
     """``root/relative`` for a local Path, a path inside a filesystem, or a URI (its ``?query`` kept last)."""
     if isinstance(root, Path):

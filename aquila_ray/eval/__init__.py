@@ -58,6 +58,21 @@ def read_tasks(path: str | Path) -> list[dict[str, Any]]:
     return parse_tasks(Path(path).read_text(encoding="utf-8"), path)
 
 
+def tasks_location(tasks: str | None) -> str | None:
+    """Where a config's ``eval_tasks`` lives: "sample" is the bundled cloze task, anything else a path or URI."""
+    return str(SAMPLE_TASKS) if tasks == "sample" else tasks
+
+
+def load_tasks(location: str) -> list[dict[str, Any]]:
+    """The tasks of a JSONL task file on any filesystem (local path or URI); a clear error when it is missing."""
+    from aquila_ray.data.shards import read_bytes  # deferred: the data package imports pyarrow
+
+    raw = read_bytes(location)
+    if raw is None:
+        raise DataError(f"eval_tasks={location!r}: no such file")
+    return parse_tasks(raw.decode("utf-8"), location)
+
+
 def parse_tasks(text: str, path: str | Path) -> list[dict[str, Any]]:
     """The tasks of a JSONL task file's ``text`` (``path`` names it in errors)."""
     items = []

@@ -28,7 +28,7 @@ from aquila_ray.config.model import ModelConfig
 from aquila_ray.config.recipe import RecipeConfig, StageConfig
 from aquila_ray.config.train import TrainConfig, stage_train_config
 from aquila_ray.errors import ConfigError
-from aquila_ray.eval import SAMPLE_TASKS
+from aquila_ray.eval import tasks_location
 from aquila_ray.pipeline.report import build_report, plot_loss_vs_flops
 from aquila_ray.pipeline.results import (
     DataResult,
@@ -260,7 +260,7 @@ class _Run:
         tc = stage_train_config(stage, model, outs["data"].data_dir, init=init, init_from=init_from,
                                 seed=self.cfg.seed, data_start=start, wandb_project=self.cfg.wandb_project,
                                 wandb_group=self.name)
-        tasks = str(SAMPLE_TASKS) if self.cfg.eval_tasks == "sample" else self.cfg.eval_tasks
+        tasks = tasks_location(self.cfg.eval_tasks)
         tc = dataclasses.replace(tc, eval_max_sequences=self.cfg.eval_max_sequences, eval_tokens=self.cfg.eval_tokens,
                                  eval_tasks=tasks)
         trained = train_stage(tc, self.storage, f"{self.name}.{name}", d / "final")

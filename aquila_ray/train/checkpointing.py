@@ -51,6 +51,7 @@ from torch.distributed.checkpoint import HuggingFaceStorageWriter
 from torch.distributed.checkpoint._hf_utils import (
     CUSTOM_METADATA_KEY,
     DCP_VERSION_KEY,
+    DTYPE_MAP,
     FORMAT_KEY,
     FORMAT_VALUE,
     HF_DCP_VERSION,
@@ -82,7 +83,7 @@ from aquila_ray.checkpoint import CheckpointWriter
 from aquila_ray.checkpoint.io import DEFAULT_SHARD_BYTES, _model_keys, atomic_directory
 from aquila_ray.config.base import from_dict
 from aquila_ray.config.model import ModelConfig
-from aquila_ray.data.shards import resolve_location
+from aquila_ray.data.shards import join_location, read_bytes, resolve_location
 from aquila_ray.errors import CheckpointError
 
 STATE_DIR = "state"
@@ -172,9 +173,7 @@ def state_file_index(model_config: ModelConfig, world_size: int, file_bytes: int
     return index
 
 
-_SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.float64: "F64",
-                       torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8"}
-_DTYPES_BY_NAME = {name: dtype for dtype, name in _SAFETENSORS_DTYPES.items()}
+_SAFETENSORS_DTYPES = {dtype: name for name, dtype in DTYPE_MAP.items()}  # torch's table, inverted
 
 
 class StreamingStateWriter(HuggingFaceStorageWriter):
@@ -308,6 +307,9 @@ class RangeStateReader(StorageReader):
             mine.append((path, header, start))
         if world == 1:
             return mine
+        # every rank gets every header, as every rank reads DCP's own .metadata file: a few hundred bytes per
+        # (tensor, saving rank that holds a slice of it), bounded by the architecture (layers x experts) and
+        # the world size, never by the parameter count; the tensors' bytes stay where they are
         everyone: list[Any] = [None] * world
         dist.all_gather_object(everyone, mine)
         return [entry for part in everyone for entry in part]
@@ -320,7 +322,7 @@ class RangeStateReader(StorageReader):
             for key, entry in header.items():
                 if key == "__metadata__":
                     continue
-                shape, dtype = torch.Size(entry["shape"]), _DTYPES_BY_NAME[entry["dtype"]]
+                shape, dtype = torch.Size(entry["shape"]), DTYPE_MAP[entry["dtype"]]
                 offsets = torch.Size(sharding.get(key, {}).get(SAVED_OFFSETS_KEY, [0] * len(shape)))
                 meta = tensors.setdefault(key, TensorStorageMetadata(TensorProperties(dtype=dtype), shape, []))
                 meta.chunks.append(ChunkStorageMetadata(offsets=offsets, sizes=shape))
@@ -445,18 +447,8 @@ def write_json(path: Path, content: Mapping[str, Any]) -> None:
     path.write_text(json.dumps(content, indent=2, default=str))
 
 
-def _read_small(directory: str | Path, name: str, filesystem: pafs.FileSystem | None) -> bytes | None:
-    """The bytes of a small checkpoint file (trainer state, RNG, buffers), or None when it is absent."""
-    fs, root = resolve_location(directory, filesystem)
-    path = f"{root.rstrip('/')}/{name}"
-    if fs.get_file_info(path).type != pafs.FileType.File:
-        return None
-    with fs.open_input_stream(path) as f:
-        return bytes(f.read())
-
-
 def read_trainer_state(directory: str | Path, filesystem: pafs.FileSystem | None = None) -> dict[str, Any]:
-    raw = _read_small(directory, TRAINER_STATE_NAME, filesystem)
+    raw = read_bytes(join_location(directory, TRAINER_STATE_NAME), filesystem)
     if raw is None:
         raise CheckpointError(f"{directory} has no {TRAINER_STATE_NAME}: not a training checkpoint (a model "
                               f"checkpoint starts a new run with init=checkpoint, init_from={directory})")
@@ -466,7 +458,7 @@ def read_trainer_state(directory: str | Path, filesystem: pafs.FileSystem | None
 def read_rng(directory: str | Path, rank: int, same_world_size: bool,
              filesystem: pafs.FileSystem | None = None) -> torch.Tensor | None:
     """This rank's saved RNG state when the world size is unchanged, else rank 0's (or None)."""
-    raw = _read_small(directory, rng_name(rank if same_world_size else 0), filesystem)
+    raw = read_bytes(join_location(directory, rng_name(rank if same_world_size else 0)), filesystem)
     return safetensors_load(raw)["torch_cpu"] if raw is not None else None
 
 
@@ -490,7 +482,7 @@ def load_buffers(directory: str | Path, model: torch.nn.Module, filesystem: pafs
     wanted = persistent_buffers(model)
     if not wanted:
         return
-    raw = _read_small(directory, BUFFERS_NAME, filesystem)
+    raw = read_bytes(join_location(directory, BUFFERS_NAME), filesystem)
     saved = safetensors_load(raw) if raw is not None else {}
     missing = sorted(set(wanted) - set(saved))
     if missing:

@@ -20,8 +20,10 @@ import yaml
 from aquila_ray.config.base import to_dict
 from aquila_ray.config.model import ModelConfig
 from aquila_ray.config.train import TrainConfig
-from aquila_ray.data.shards import Manifest, read_manifest
+from aquila_ray.data.shards import Manifest, join_location, read_bytes, read_manifest
 from aquila_ray.errors import ConfigError, DataError
+from aquila_ray.eval import load_tasks, tasks_location
+from aquila_ray.hf.tokenizer import TOKENIZER_NAME
 from aquila_ray.plan import activation_bytes
 from aquila_ray.train.metrics import METRICS_NAME, METRICS_PARTS, read_run_metrics
 
@@ -76,6 +78,12 @@ def validate(cfg: TrainConfig) -> Manifest:
         if val is None or val.num_sequences == 0:
             raise DataError(f"{cfg.data_dir}/manifest.json has no validation sequences; prepare a validation "
                             f"split or set eval_every=-1 to train without validation")
+    if cfg.eval_tasks is not None:  # the workers score them after the last step: fail now, not then
+        load_tasks(str(tasks_location(cfg.eval_tasks)))
+        if read_bytes(join_location(cfg.data_dir, TOKENIZER_NAME)) is None:
+            raise DataError(f"TrainConfig.eval_tasks={cfg.eval_tasks!r} needs the data's tokenizer, and "
+                            f"{cfg.data_dir} has no {TOKENIZER_NAME} (synthetic shards have none); set "
+                            f"eval_tasks=null or train on data from python -m jobs.prepare_data")
     if cfg.init in ("checkpoint", "upcycle"):
         from aquila_ray.checkpoint import CheckpointReader
 

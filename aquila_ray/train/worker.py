@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow.fs as pafs
 import torch
 import torch.distributed as dist
 import torch.utils.deterministic
@@ -34,9 +33,9 @@ from aquila_ray.checkpoint import CheckpointWriter
 from aquila_ray.config.base import from_dict, to_dict
 from aquila_ray.config.train import TrainConfig
 from aquila_ray.data.dataset import TokenDataset, rank_batch
-from aquila_ray.data.shards import join_location, read_manifest, resolve_location
+from aquila_ray.data.shards import join_location, read_bytes, read_manifest
 from aquila_ray.errors import ConversionError
-from aquila_ray.eval import SAMPLE_TASKS, choice_counts, choice_summary, parse_tasks, sequence_loss
+from aquila_ray.eval import choice_counts, choice_summary, load_tasks, sequence_loss, tasks_location
 from aquila_ray.hf.tokenizer import TOKENIZER_NAME, hf_tokenizer
 from aquila_ray.train.checkpointing import (
     TRAIN_CONFIG_NAME,
@@ -105,21 +104,17 @@ def validation(model: torch.nn.Module, data: TokenDataset, cfg: TrainConfig, dim
     return {"loss": float(total[0] / total[1]), "tokens": int(total[1]), "sequences": per_rank * dims.world_size}
 
 
-def _read_bytes(location: str) -> bytes:
-    fs, path = resolve_location(location)
-    with fs.open_input_stream(path) as f:
-        return bytes(f.read())
-
-
 @torch.no_grad()
 def multiple_choice_sharded(model: torch.nn.Module, cfg: TrainConfig, dims: ParallelDims) -> dict[str, Any]:
     """Perplexity-based multiple choice over ``cfg.eval_tasks`` with the data's tokenizer, rank r scoring
     items r, r + world, ... and every rank running the same number of forwards (a rank short of items
     repeats one and drops its score: expert parallelism needs every rank in each all-to-all); the counts
     are summed over the ranks."""
-    source = str(SAMPLE_TASKS) if cfg.eval_tasks == "sample" else str(cfg.eval_tasks)
-    tasks = parse_tasks(_read_bytes(source).decode("utf-8"), source)
-    tokenizer = Tokenizer.from_str(_read_bytes(str(join_location(cfg.data_dir, TOKENIZER_NAME))).decode("utf-8"))
+    source = str(tasks_location(cfg.eval_tasks))
+    tasks = load_tasks(source)
+    raw = read_bytes(join_location(cfg.data_dir, TOKENIZER_NAME))
+    assert raw is not None, "trainer.validate checks the data's tokenizer before any worker starts"
+    tokenizer = Tokenizer.from_str(raw.decode("utf-8"))
     mine = tasks[dims.rank::dims.world_size]
     correct, chance = choice_counts(model, tokenizer, mine) if mine else (0, 0.0)
     short = -(-len(tasks) // dims.world_size) - len(mine)
@@ -307,12 +302,9 @@ def _data_tokenizer(cfg: TrainConfig, eos_token_id: int | None) -> dict[str, byt
     MB, bounded by the vocabulary), which rank 0 puts into every checkpoint so a model carries the tokenizer
     it was trained with. Empty when the data has none (synthetic shards) or it is unusable (a warning: the
     run trains on, its checkpoints without tokenizer files)."""
-    fs, base = resolve_location(cfg.data_dir)
-    path = str(join_location(base, TOKENIZER_NAME))
-    if fs.get_file_info(path).type != pafs.FileType.File:
+    content = read_bytes(join_location(cfg.data_dir, TOKENIZER_NAME))
+    if content is None:
         return {}
-    with fs.open_input_stream(path) as f:
-        content = bytes(f.read())
     try:
         return hf_tokenizer(content, cfg.model.max_seq_len, eos_token_id, f"{cfg.data_dir}/{TOKENIZER_NAME}").files
     except ConversionError as e:
