@@ -15,6 +15,8 @@ def load_model(path: str, device: str = "cpu", dtype: torch.dtype | None = None)
 
     ``dtype`` defaults to torch.float32.
     """
+    # deferred: `import aquila_ray` (and so every aquila_ray.* import, config-only ones included) must not
+    # load torch and the model code
     from aquila_ray.checkpoint import load_model as _load
 
     return _load(path, device=device, dtype=dtype)

@@ -9,16 +9,14 @@ from __future__ import annotations
 
 from typing import Any
 
+from data_pipeline.config import DataConfig, load_data_config, sample_config
+
 __all__ = ["DataConfig", "load_data_config", "prepare_data", "sample_config"]
 
 
-def __getattr__(name: str) -> Any:  # lazy: importing the steps must not import Ray
+def __getattr__(name: str) -> Any:
     if name == "prepare_data":
-        from data_pipeline.run import prepare_data
+        from data_pipeline.run import prepare_data  # deferred: run imports Ray; importing the steps must not
 
         return prepare_data
-    if name in ("DataConfig", "load_data_config", "sample_config"):
-        from data_pipeline import config
-
-        return getattr(config, name)
     raise AttributeError(name)

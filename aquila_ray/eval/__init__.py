@@ -15,8 +15,11 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from tokenizers import Tokenizer
 
+from aquila_ray.checkpoint import load_model
 from aquila_ray.data.dataset import TokenDataset
+from aquila_ray.data.shards import read_bytes
 from aquila_ray.errors import DataError
 
 SAMPLE_TASKS = Path(__file__).resolve().parent / "tasks" / "sample_cloze.jsonl"
@@ -65,8 +68,6 @@ def tasks_location(tasks: str | None) -> str | None:
 
 def load_tasks(location: str) -> list[dict[str, Any]]:
     """The tasks of a JSONL task file on any filesystem (local path or URI); a clear error when it is missing."""
-    from aquila_ray.data.shards import read_bytes  # deferred: the data package imports pyarrow
-
     raw = read_bytes(location)
     if raw is None:
         raise DataError(f"eval_tasks={location!r}: no such file")
@@ -152,8 +153,6 @@ def evaluate_checkpoint(ckpt: str | Path, data_dir: str | Path | None = None, sp
                         tasks: str | Path | None = None, tokenizer: str | Path | None = None,
                         max_sequences: int | None = None, device: str = "cpu") -> dict[str, Any]:
     """Loss on ``data_dir``'s split and accuracy on a task file, for one checkpoint."""
-    from aquila_ray.checkpoint import load_model
-
     model = load_model(ckpt, device=device)
     results: dict[str, Any] = {"checkpoint": str(ckpt)}
     if data_dir is not None:
@@ -162,8 +161,6 @@ def evaluate_checkpoint(ckpt: str | Path, data_dir: str | Path | None = None, sp
         tok_path = Path(tokenizer) if tokenizer else (Path(data_dir) / "tokenizer.json" if data_dir else None)
         if tok_path is None or not tok_path.is_file():
             raise DataError(f"multiple choice needs a tokenizer.json: pass --tokenizer or --data (got {tok_path})")
-        from tokenizers import Tokenizer
-
         results["multiple_choice"] = {"tasks": str(tasks),
                                       **multiple_choice(model, Tokenizer.from_file(str(tok_path)), read_tasks(tasks))}
     return results

@@ -34,14 +34,17 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import lm_eval
 import torch
 import torch.nn.functional as F
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, postprocess_generated_text
+from lm_eval.tasks import TaskManager
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tokenizers import Tokenizer
 
+from aquila_ray.checkpoint import load_model
 from aquila_ray.errors import CheckpointError, ConfigError, DataError
 
 logger = logging.getLogger(__name__)
@@ -86,8 +89,6 @@ class AquilaLM(TemplateLM):
                  device: str = "cpu", max_length: int | None = None, max_gen_toks: int = 256,
                  dtype: str = "float32", eos_token: str | None = None, **kwargs: Any) -> None:
         super().__init__()
-        from aquila_ray.checkpoint import load_model
-
         if kwargs:  # lm-eval's CLI adds max_batch_size and the like; none of them apply here
             logger.info("aquila-ray lm-eval model: ignoring %s", sorted(kwargs))
         ckpt = Path(pretrained)
@@ -251,9 +252,6 @@ def evaluate_harness(checkpoint: str | Path, tasks: list[str], include_path: str
     ``configs``, ``n-shot``, ...; ``samples`` too with ``log_samples``). ``include_path`` adds a folder of
     task YAMLs; ``include_defaults=False`` reads only that folder (lm-eval's ~15k built-in tasks take
     seconds to index). Unknown task names are a ConfigError naming them."""
-    import lm_eval
-    from lm_eval.tasks import TaskManager
-
     if not tasks:
         raise ConfigError("no tasks given (e.g. --tasks arc_easy,hellaswag)")
     if include_path is not None and not Path(include_path).is_dir():

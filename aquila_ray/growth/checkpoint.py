@@ -27,7 +27,7 @@ from aquila_ray.config.growth import GrowthConfig
 from aquila_ray.errors import CheckpointError
 from aquila_ray.growth.plan import GrowthPlan, make_plan
 from aquila_ray.growth.probe import ProbeForward, compare, layer_groups, probe, probe_tokens
-from aquila_ray.growth.transform import source_keys_for, target_keys, target_tensor
+from aquila_ray.growth.transform import source_keys_for, target_keys, target_shapes, target_tensor
 
 REPORT_NAME = "growth_report.json"
 
@@ -191,8 +191,6 @@ def _report(plan: GrowthPlan, src_dir: str | Path, dst_dir: str | Path, reader: 
 
 
 def _target_shapes(plan: GrowthPlan) -> dict[str, tuple[int, ...]]:
-    from aquila_ray.growth.transform import target_shapes
-
     return target_shapes(plan.dst)
 
 

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from aquila_ray.config import ModelConfig
+from aquila_ray.growth.transform import layer_suffixes
 from aquila_ray.model.model import Block, RMSNorm, rope_cos_sin
 
 
@@ -101,8 +102,6 @@ class ProbeForward:
 
 def probe(cfg: ModelConfig, get: Callable[[str], torch.Tensor], tokens: torch.Tensor) -> tuple[torch.Tensor, float]:
     """Logits and loss of the model whose tensors ``get`` returns, one block in memory at a time."""
-    from aquila_ray.growth.transform import layer_suffixes
-
     fwd = ProbeForward(cfg, tokens)
     fwd.embed(get("embed.weight"))
     for layer in range(cfg.num_layers):

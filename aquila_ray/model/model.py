@@ -110,7 +110,9 @@ def build_mlp(cfg: ModelConfig, layer_idx: int) -> nn.Module:
     """A dense SwiGLU MLP, or an MoE layer when ``cfg.moe`` is set (forward returns (y, RouterStats))."""
     if cfg.moe is None:
         return MLP(cfg.hidden_size, cfg.intermediate_size)
-    from aquila_ray.moe import MoELayer  # type: ignore[attr-defined]  # local: dense models skip the MoE package
+    # deferred: import cycle aquila_ray.model.model <-> aquila_ray.moe.layer (which builds on this module); dense
+    # models never load the MoE package
+    from aquila_ray.moe import MoELayer  # type: ignore[attr-defined]
 
     return MoELayer(cfg, layer_idx)
 

@@ -69,6 +69,8 @@ def build_report(train_stages: list[dict[str, Any]], transitions: list[dict[str,
 
 def plot_loss_vs_flops(train_stages: list[dict[str, Any]], path: str | Path) -> Path:
     """Training loss against cumulative training FLOPs (log x), one colour per stage (the seed's figure)."""
+    # deferred: matplotlib (~0.75 s) only to plot, and its backend must be set to Agg before pyplot loads
+    # (at the top it would switch the backend of every program importing this module)
     import matplotlib
 
     matplotlib.use("Agg")

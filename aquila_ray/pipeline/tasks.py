@@ -50,7 +50,7 @@ def run_task(fn: Callable[..., T], *args: Any, local: bool = False, num_cpus: fl
     and a failure should reach the user."""
     if local:
         return fn(*args)
-    import ray
+    import ray  # deferred: only a non-local task needs Ray; the --local transforms run without importing it
 
     if not ray.is_initialized():
         ray.init()

@@ -161,7 +161,7 @@ def deepspeed_config(cfg: TrainConfig, micro_batch: int, grad_accum: int, world_
 def build_engine(model: nn.Module, cfg: TrainConfig, micro_batch: int, grad_accum: int,
                  world_size: int, ep_groups: Any = None) -> Any:
     """Steps 3 and 4: parameter groups and the DeepSpeed engine, with torch's AdamW (no fused_adam build)."""
-    import deepspeed
+    import deepspeed  # deferred: DeepSpeed (~1 s, picks an accelerator) only when an engine is built
 
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     deepspeed.utils.logger.setLevel(logging.WARNING)

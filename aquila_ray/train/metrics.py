@@ -109,7 +109,7 @@ class MetricsLogger:
         self.run: Any = None
         mode = wandb_mode(wandb_cfg)
         if mode != "disabled":
-            import wandb
+            import wandb  # deferred: wandb (~0.5 s) only when W&B is on; the trainer's driver imports this module
 
             self.run = wandb.init(project=wandb_cfg.project, entity=wandb_cfg.entity, group=wandb_cfg.group,
                                   name=run_name, id=wandb_run_id(run_name), resume="allow", dir=str(log_dir),
@@ -227,7 +227,7 @@ def _leveldb_records(data: bytes) -> list[bytes]:
 
 def read_wandb_history(run_file: str | Path) -> list[dict[str, Any]]:
     """History rows of a W&B run file (``.../offline-run-*/run-<id>.wandb``), read without a server."""
-    from wandb.proto import wandb_internal_pb2 as pb
+    from wandb.proto import wandb_internal_pb2 as pb  # deferred: wandb (~0.5 s), only to read a run file back
 
     rows = []
     for raw in _leveldb_records(Path(run_file).read_bytes()):

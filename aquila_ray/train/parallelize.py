@@ -154,6 +154,7 @@ def mark_expert_params(model: nn.Module, group_name: str) -> int:
 def split_moe_param_groups(param_groups: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Optimizer groups with marked expert parameters split out (``moe: True``, ``name: ep_size_P``), via
     ``deepspeed.moe.utils.split_params_into_different_moe_groups_for_optimizer``. Groups need a ``name``."""
+    # deferred: DeepSpeed (~1 s, and it picks an accelerator) only when its optimizer groups are asked for
     from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
 
     groups = [dict(g, name=g.get("name", f"group_{i}")) for i, g in enumerate(param_groups)]
@@ -217,6 +218,7 @@ def register_with_deepspeed(model: nn.Module, groups: ExpertParallelGroups) -> n
     ``deepspeed.moe.layer.MoE`` is attached (DeepSpeed switches on its MoE gradient path by
     ``isinstance(module, MoE)``; its own TopKGate has no z-loss and Gumbel-samples the 2nd expert, so the
     routing stays ours). Call after ``mark_expert_params``. The marker adds no state-dict entries."""
+    # deferred: DeepSpeed (~1 s) only when registering with it; plain-torch MoE loops and tests run without it
     from deepspeed.moe.layer import MoE
     from deepspeed.utils import groups as ds_groups
 

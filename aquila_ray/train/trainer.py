@@ -17,6 +17,7 @@ from typing import Any
 
 import yaml
 
+from aquila_ray.checkpoint import CheckpointReader
 from aquila_ray.config.base import to_dict
 from aquila_ray.config.model import ModelConfig
 from aquila_ray.config.train import TrainConfig
@@ -85,8 +86,6 @@ def validate(cfg: TrainConfig) -> Manifest:
                             f"{cfg.data_dir} has no {TOKENIZER_NAME} (synthetic shards have none); set "
                             f"eval_tasks=null or train on data from python -m jobs.prepare_data")
     if cfg.init in ("checkpoint", "upcycle"):
-        from aquila_ray.checkpoint import CheckpointReader
-
         # every shard's digest is checked here, once, so the workers read it with verify=False
         reader = CheckpointReader(cfg.init_from, verify=True)  # type: ignore[arg-type]
         src = reader.config
@@ -153,6 +152,8 @@ def run_training(cfg: TrainConfig, storage_path: str | os.PathLike[str], run_nam
     DataError / CheckpointError before any worker starts on bad settings; a run that exhausts
     ``scaling.max_failures`` raises Ray Train's TrainingFailedError.
     """
+    # deferred: Ray Train (~2 s) and the worker loop (its engine and MoE code, ~1 s) are needed only to run;
+    # importing aquila_ray.train (plan, validate, --dry-run) must not load them
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer

@@ -143,6 +143,8 @@ def _grad_norm(module: torch.nn.Module) -> float:
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Ray Train's ``train_loop_per_worker``; ``config`` = {"train": TrainConfig dict, "run_name", "log_dir",
     and "remote_run_dir" (the run's directory on remote storage, or None)}."""
+    # deferred: Ray Train (~2 s) is needed only inside a Ray worker; tests and bench/checkpoint.py import
+    # this module's helpers without it
     import ray.train
     from ray.train import Checkpoint, CheckpointUploadMode
 
