@@ -31,11 +31,10 @@ from aquila_ray.checkpoint import load_config
 from aquila_ray.config import get_preset
 from aquila_ray.config.growth import GrowthConfig, GrowthMethod
 from aquila_ray.config.model import ModelConfig
-from aquila_ray.config.recipe import StageConfig
-from aquila_ray.config.train import stage_train_config
+from aquila_ray.config.train import CheckpointingConfig, OptimizerConfig, ScheduleConfig, TrainConfig, WandbConfig
 from aquila_ray.eval import evaluate_checkpoint
-from aquila_ray.pipeline.efficientscale import train_stage
 from aquila_ray.pipeline.tasks import run_scale_out, run_scale_up
+from aquila_ray.pipeline.train_stage import train_stage
 from aquila_ray.upcycle import moe_config
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -57,11 +56,11 @@ class Bench:
               init_from: str | None = None, data_start: int = 0, start_loss: float | None = None) -> dict[str, Any]:
         """One training run; its validation curve starts at ``start_loss`` (the initial checkpoint's, when
         measured) at 0 FLOPs."""
-        stage = StageConfig(steps=steps, lr=lr, warmup_steps=10, global_batch_tokens=16 * 128, micro_batch_size=16,
-                            checkpoint_every=steps, eval_every=self.eval_every)
-        cfg = stage_train_config(stage, model, self.data_dir, init=init, init_from=init_from, data_start=data_start)
-        cfg = dataclasses.replace(cfg, eval_max_sequences=EVAL_SEQUENCES,
-                                  wandb=dataclasses.replace(cfg.wandb, enabled=False))
+        cfg = TrainConfig(model=model, data_dir=self.data_dir, init=init, init_from=init_from,  # type: ignore[arg-type]
+                          data_start=data_start, steps=steps, global_batch_tokens=16 * 128, micro_batch_size=16,
+                          optimizer=OptimizerConfig(lr=lr), schedule=ScheduleConfig(warmup_steps=10),
+                          checkpoint=CheckpointingConfig(every=steps), eval_every=self.eval_every,
+                          eval_max_sequences=EVAL_SEQUENCES, wandb=WandbConfig(enabled=False))
         t0 = time.time()
         trained = train_stage(cfg, str(self.work / "runs"), name, self.work / name)
         rows = trained.rows

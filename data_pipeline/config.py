@@ -9,7 +9,6 @@ ChineseWebText (Chen et al. 2023) for Chinese.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import re
@@ -17,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from aquila_ray.config.base import apply_overrides, from_dict, load_overlay, merge_overlay, to_dict
+from aquila_ray.config.base import resolve, to_dict
 from aquila_ray.errors import ConfigError
 
 SAMPLE_DIR = Path(__file__).resolve().parent / "sample"
@@ -473,16 +472,13 @@ def sources_from_inputs(inputs: list[str]) -> list[SourceConfig]:
 
 def load_data_config(config_file: str | None = None, overrides: list[str] | None = None,
                      inputs: list[str] | None = None, output: str | None = None) -> DataConfig:
-    """sample_config() <- YAML/JSON overlay <- --input/--output <- ``a.b=value`` overrides; errors before work."""
-    cfg = sample_config()
-    if config_file:
-        # an overlay's max_top_ngram_fraction ({n: fraction}) replaces the default table instead of extending it
-        cfg = from_dict(DataConfig, merge_overlay(to_dict(cfg), load_overlay(config_file),
-                                                  whole=frozenset({"max_top_ngram_fraction"})))
+    """``resolve(DataConfig, ...)``: sample_config() <- YAML/JSON overlay <- --input/--output <- ``a.b=value``
+    overrides; errors before work. An overlay's max_top_ngram_fraction ({n: fraction}) replaces the default
+    table instead of extending it."""
+    flags: dict[str, Any] = {}
     if inputs:
-        cfg = dataclasses.replace(cfg, sources=sources_from_inputs(inputs))
+        flags["sources"] = [to_dict(s) for s in sources_from_inputs(inputs)]
     if output:
-        cfg = dataclasses.replace(cfg, output=output)
-    if overrides:
-        cfg = apply_overrides(cfg, overrides)
-    return cfg
+        flags["output"] = output
+    return resolve(DataConfig, sample_config(), config_file, overrides, flags,
+                   whole=frozenset({"max_top_ngram_fraction"}))

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from aquila_ray.checkpoint import CheckpointReader
@@ -33,8 +34,6 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     shard = int(args.max_shard_gb * 1024**3)
     if args.direction == "from-hf":
-        import json
-
         cfg, arch = config_from_hf(json.loads((Path(args.hf_dir) / "config.json").read_text()))
         if args.dry_run:
             print_plan("from-hf", {"architecture": arch.architecture, "model": to_dict(cfg),

@@ -7,8 +7,9 @@
 
 Stages: data -> train_small -> scale_up -> train_large -> scale_out -> train_moe -> evaluate. Rerunning the
 same command resumes at the first unfinished stage (and a training stage from its last checkpoint).
-``--set`` overrides any RecipeConfig field (``stage_small.steps=300``, ``growth.method=aki-pro``,
-``upcycle=online``, ``large=demo-large``, ``data_dir=PREPARED_DIR``). Writes DIR/report.json and
+``--set`` overrides any RecipeConfig field (``stage_small.steps=300``, ``stage_moe.optimizer.lr=1e-4``,
+``train.scaling.num_workers=4``, ``growth.method=aki-pro``, ``scale_out.mode=online``, ``large=demo-large``,
+``data_dir=PREPARED_DIR``). Writes DIR/report.json and
 DIR/loss_vs_flops.png.
 """
 
@@ -18,12 +19,17 @@ import json
 import logging
 from pathlib import Path
 
+import yaml
+
+from aquila_ray.config.base import resolve, to_dict
+from aquila_ray.config.recipe import RECIPES, RecipeConfig, get_recipe
+from aquila_ray.errors import ConfigError
+from aquila_ray.pipeline.plan import plan_recipe
+from aquila_ray.pipeline.tasks import use_transform_env
 from jobs.common import base_parser, print_plan, run_main
 
 
 def main(argv: list[str] | None = None) -> None:
-    from aquila_ray.config.recipe import RECIPES
-
     parser = base_parser(__doc__ or "")
     parser.add_argument("--preset", default="tiny", choices=sorted(RECIPES), help="recipe preset")
     parser.add_argument("--output", required=True, help="run directory (stages/, report.json, data/)")
@@ -38,15 +44,8 @@ def main(argv: list[str] | None = None) -> None:
                         "each stage against (GPUs, GPU memory, host memory per node)")
     args = parser.parse_args(argv)
     if args.local_tasks:
-        from aquila_ray.pipeline.tasks import use_transform_env
-
         use_transform_env()  # before any tensor exists: growth and upcycling run in this process
-    from aquila_ray.config.base import to_dict
-    from aquila_ray.config.recipe import build_recipe_config
-    from aquila_ray.errors import ConfigError
-    from aquila_ray.pipeline.efficientscale import plan_recipe, run_efficientscale
-
-    cfg = build_recipe_config(args.preset, args.config, args.overrides)
+    cfg = resolve(RecipeConfig, get_recipe(args.preset), args.config, args.overrides)
     log = logging.getLogger("aquila_ray.pipeline")  # "stage X: starting / done / already done, skipping"
     log.setLevel(logging.INFO)
     handler = logging.StreamHandler()
@@ -55,8 +54,6 @@ def main(argv: list[str] | None = None) -> None:
     if args.dry_run:
         cluster = None
         if args.cluster:
-            import yaml
-
             path = Path(args.cluster)
             cluster = yaml.safe_load(path.read_text()) if path.is_file() else None
             if not isinstance(cluster, dict) or "available_node_types" not in cluster:
@@ -65,6 +62,9 @@ def main(argv: list[str] | None = None) -> None:
         print_plan("recipe", to_dict(cfg))
         print_plan("plan", plan_recipe(cfg, cluster=cluster))
         return
+    # deferred: Ray Train, DeepSpeed and the data pipeline's Ray Data, not needed by --dry-run
+    from aquila_ray.pipeline.efficientscale import run_efficientscale
+
     report = run_efficientscale(cfg, args.output, storage_path=args.storage_path, run_name=args.run_name,
                                 until=args.until, ray_address=args.address, local_tasks=args.local_tasks)
     summary = {"output": args.output,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 
+from aquila_ray.train.checkpointing import export_model, model_config_of, read_trainer_state, saved_chunks
 from jobs.common import base_parser, print_plan, run_main
 
 
@@ -20,8 +21,6 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--output", required=True, help="the model checkpoint directory to write")
     parser.add_argument("--max-shard-bytes", type=int, default=2 * 1024**3, help="split safetensors files above this")
     args = parser.parse_args(argv)
-    from aquila_ray.train.checkpointing import export_model, model_config_of, read_trainer_state, saved_chunks
-
     state = read_trainer_state(args.checkpoint)
     if args.dry_run:
         chunks = saved_chunks(args.checkpoint)

@@ -44,13 +44,13 @@ def main(argv: list[str] | None = None) -> None:
         raise CheckpointError(f"checkpoint directory {args.checkpoint} does not exist")
     if args.only_include_path and args.include_path is None:
         raise AquilaError("--only-include-path needs --include-path DIR")
-    try:
+    try:  # deferred: lm-evaluation-harness is the optional `lm-eval` extra; a clear error when it is missing
         import lm_eval  # noqa: F401
     except ImportError as e:
         raise AquilaError(f"lm-evaluation-harness is not installed ({e}): pip install 'aquila-ray[lm-eval]'") from e
-    from lm_eval.utils import handle_non_serializable, make_table
+    from lm_eval.utils import handle_non_serializable, make_table  # deferred: the optional extra (above)
 
-    from aquila_ray.eval.harness import evaluate_harness
+    from aquila_ray.eval.harness import evaluate_harness  # deferred: it imports lm_eval
 
     limit = int(args.limit) if args.limit is not None and args.limit >= 1 else args.limit
     results = evaluate_harness(args.checkpoint, tasks, include_path=args.include_path,

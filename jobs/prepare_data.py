@@ -15,6 +15,9 @@ import json
 import sys
 
 from aquila_ray.config.base import to_dict
+from data_pipeline.config import load_data_config
+from data_pipeline.output import Output
+from data_pipeline.run import describe_plan, prepare_data
 from jobs.common import base_parser, print_plan, run_main
 
 
@@ -30,17 +33,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     """Raises AquilaError on bad config or data (run_main turns it into one line and exit code 2)."""
     args = parse_args(argv)
-    from data_pipeline.config import load_data_config
-
     config = load_data_config(args.config, args.overrides, args.input or None, args.output)
     if args.dry_run:
-        from data_pipeline.run import describe_plan
-
         print_plan("prepare_data", {"config": to_dict(config), "plan": describe_plan(config)})
         return 0
-    from data_pipeline.output import Output
-    from data_pipeline.run import prepare_data
-
     out = prepare_data(config)
     stats = json.loads(Output(out).read_text("stats.json"))  # a local directory or a URI (s3://...)
     print(json.dumps({"output": str(out), "total": stats["total"], "tokens": stats.get("tokenize", {})},

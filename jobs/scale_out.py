@@ -17,20 +17,10 @@ import json
 from typing import Any
 
 from aquila_ray.checkpoint import load_config
-from aquila_ray.config import ModelConfig, apply_overrides, load_overlay, to_dict
+from aquila_ray.config import ModelConfig, resolve, to_dict
 from aquila_ray.pipeline.tasks import run_scale_out, use_transform_env
 from aquila_ray.upcycle import UpcycleOptions, exactly_preserving, moe_config, weight_scale
 from jobs.common import base_parser, print_plan, run_main
-
-
-def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        if isinstance(v, dict) and v:
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
 
 
 def plan(src: ModelConfig, dst: ModelConfig, options: UpcycleOptions) -> dict[str, Any]:
@@ -73,10 +63,7 @@ def main(argv: list[str] | None = None) -> None:
 
     src = load_config(args.src)
     dst = moe_config(src, args.num_experts, args.top_k, args.granularity, router_init_std=args.router_init_std)
-    overrides: dict[str, Any] = _flatten(load_overlay(args.config)) if args.config else {}
-    if overrides or args.overrides:
-        dst = apply_overrides(dst, overrides) if overrides else dst
-        dst = apply_overrides(dst, args.overrides) if args.overrides else dst
+    dst = resolve(ModelConfig, dst, args.config, args.overrides)  # --config/--set change the MoE model's fields
     options = UpcycleOptions(seed=args.seed, weight_scaling=not args.no_weight_scaling)
     if args.dry_run:
         print_plan("scale_out", {"config": to_dict(dst), "plan": plan(src, dst, options),

@@ -18,7 +18,7 @@ import json
 from typing import Any
 
 from aquila_ray.checkpoint import load_config
-from aquila_ray.config import ModelConfig, apply_overrides, from_dict, get_preset, load_overlay, to_dict
+from aquila_ray.config import ModelConfig, apply_overrides, get_preset, resolve, to_dict
 from aquila_ray.config.growth import ScaleUpConfig
 from aquila_ray.growth import make_plan
 from aquila_ray.growth.checkpoint import memory_estimate_bytes
@@ -49,32 +49,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def resolve(args: argparse.Namespace) -> ScaleUpConfig:
-    """Defaults < --config file < flags < --set overrides."""
-    data: dict[str, Any] = load_overlay(args.config) if args.config else {}
-    growth = dict(data.get("growth") or {})
-    for flag, field in (("method", "method"), ("depth_mode", "depth_mode"), ("norm_mode", "norm_mode"),
-                        ("map", "map"), ("seed", "seed")):
-        if getattr(args, flag) is not None:
-            growth[field] = getattr(args, flag)
+def flags(args: argparse.Namespace) -> dict[str, Any]:
+    """The fields this job's own options set (``resolve``: defaults < --config file < these < --set)."""
+    growth = {field: getattr(args, flag) for flag, field in (
+        ("method", "method"), ("depth_mode", "depth_mode"), ("norm_mode", "norm_mode"), ("map", "map"),
+        ("seed", "seed")) if getattr(args, flag) is not None}
     if args.no_probe:
         growth["probe"] = False
-    data["growth"] = growth
-    target = dict(data.get("target") or {})
-    target.update({d: getattr(args, d) for d in DIMS if getattr(args, d) is not None})
-    data["target"] = target
-    if args.target_preset is not None:
-        data["target_preset"] = args.target_preset
-    if args.max_shard_gb is not None:
-        data["max_shard_bytes"] = int(args.max_shard_gb * 1024**3)
-    if args.num_cpus is not None:
-        data["num_cpus"] = args.num_cpus
-    if args.memory_gb is not None:
-        data["memory_bytes"] = int(args.memory_gb * 1024**3)
+    target = {d: getattr(args, d) for d in DIMS if getattr(args, d) is not None}
+    out: dict[str, Any] = {"growth": growth, "target": target}
+    for flag, field, scale in (("target_preset", "target_preset", None), ("max_shard_gb", "max_shard_bytes", 1024**3),
+                               ("num_cpus", "num_cpus", None), ("memory_gb", "memory_bytes", 1024**3)):
+        value = getattr(args, flag)
+        if value is not None:
+            out[field] = value if scale is None else int(value * scale)
     if args.local:
-        data["local"] = True
-    cfg = from_dict(ScaleUpConfig, data)
-    return apply_overrides(cfg, args.overrides) if args.overrides else cfg
+        out["local"] = True
+    return out
 
 
 def target_config(cfg: ScaleUpConfig, src: ModelConfig) -> ModelConfig:
@@ -88,7 +79,7 @@ def target_config(cfg: ScaleUpConfig, src: ModelConfig) -> ModelConfig:
 def main(argv: list[str] | None = None) -> None:
     use_transform_env()  # before any tensor exists: the growth may run in this process (--local)
     args = build_parser().parse_args(argv)
-    cfg = resolve(args)
+    cfg = resolve(ScaleUpConfig, None, args.config, args.overrides, flags(args))
     src = load_config(args.src)
     target = target_config(cfg, src)
     plan = make_plan(src, target, cfg.growth)  # validates before any compute

@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import json
 
+from aquila_ray.config.base import resolve, to_dict
+from aquila_ray.config.train import TrainConfig
+from aquila_ray.train import plan, run_training, validate
 from jobs.common import base_parser, print_plan, run_main
 
 
@@ -19,11 +22,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--run-name", required=True, help="the run's name; rerun with the same name to resume")
     parser.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or a local one)")
     args = parser.parse_args(argv)
-    from aquila_ray.config.base import to_dict
-    from aquila_ray.config.train import build_train_config
-    from aquila_ray.train import plan, run_training, validate
-
-    cfg = build_train_config(args.config, args.overrides)
+    cfg = resolve(TrainConfig, None, args.config, args.overrides)
     if args.dry_run:
         manifest = validate(cfg)
         print_plan("train config", to_dict(cfg))

@@ -13,6 +13,9 @@ import json
 import sys
 
 from aquila_ray.config.base import to_dict
+from data_pipeline.config import load_data_config
+from data_pipeline.readers import plan_inputs
+from data_pipeline.tokenizer import load_tokenizer, train_tokenizer_from_inputs
 from jobs.common import base_parser, print_plan, run_main
 
 
@@ -23,17 +26,11 @@ def main(argv: list[str] | None = None) -> int:
                     help="input files (JSONL[.gz], Parquet, HTML); repeatable; default: the bundled sample corpus")
     ap.add_argument("--output", required=True, help="where to write tokenizer.json")
     args = ap.parse_args(argv)
-    from data_pipeline.config import load_data_config
-
     config = load_data_config(args.config, args.overrides, args.input or None)
     if args.dry_run:
-        from data_pipeline.readers import plan_inputs
-
         print_plan("train_tokenizer", {"tokenizer": to_dict(config.tokenizer), "output": args.output,
                                        "inputs": [f.path for f in plan_inputs(config)]})
         return 0
-    from data_pipeline.tokenizer import load_tokenizer, train_tokenizer_from_inputs
-
     out = train_tokenizer_from_inputs(config, args.output)
     print(json.dumps({"output": str(out), "vocab_size": load_tokenizer(out).get_vocab_size()}))
     return 0

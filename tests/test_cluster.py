@@ -67,7 +67,7 @@ def test_cluster_yaml_passes_ray_validation() -> None:
 
 def _aquila3_plan(cluster: dict[str, Any]) -> dict[str, Any]:
     from aquila_ray.config.recipe import build_recipe_config
-    from aquila_ray.pipeline.efficientscale import plan_recipe
+    from aquila_ray.pipeline.plan import plan_recipe
 
     return plan_recipe(build_recipe_config("aquila3-efficientscale", None, ["data_dir=/mnt/shared/data"]),
                        cluster=cluster)

@@ -98,8 +98,8 @@ def test_evaluation_budget_and_tasks_are_checked(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"TrainConfig.eval_tasks='.*nope.jsonl' is not a file; valid: a JSONL"):
         TrainConfig(eval_tasks=str(tmp_path / "nope.jsonl"))
     assert TrainConfig(eval_tasks="sample").eval_tasks == "sample"
-    with pytest.raises(ConfigError, match=r"RecipeConfig.eval_tokens=-5 must be a positive integer or null"):
-        build_recipe_config("tiny", None, ["eval_tokens=-5"])
+    with pytest.raises(ConfigError, match=r"RecipeConfig.stage_small .*TrainConfig.eval_tokens=-5 must be a positive "):
+        build_recipe_config("tiny", None, ["train.eval_tokens=-5"])
 
 
 def test_one_overlay_merge_for_every_config() -> None:
@@ -113,3 +113,21 @@ def test_one_overlay_merge_for_every_config() -> None:
     assert merge_overlay(base, {"table": {2: 0.5}, "b": {"new": 1}}, whole=frozenset({"table"})) == \
         {"a": {"x": 1, "y": {"p": 1, "q": 2}}, "table": {2: 0.5}, "b": {"new": 1}}
     assert base["a"]["y"] == {"p": 1, "q": 2}  # the base is not modified
+
+
+def test_resolve_is_every_jobs_one_config_path(tmp_path: Path) -> None:
+    """``resolve``: defaults <- --config file <- the job's flags <- --set, nested mappings merged key by key; a
+    model field takes a preset name or ``{preset: NAME, field: value}``, in a file or in --set."""
+    from aquila_ray.config.base import resolve
+    from aquila_ray.config.train import TrainConfig
+    from aquila_ray.errors import ConfigError
+
+    overlay = tmp_path / "c.yaml"
+    overlay.write_text("model: {preset: tiny-moe, num_layers: 3}\nsteps: 5\noptimizer: {lr: 0.1}\n")
+    cfg = resolve(TrainConfig, None, overlay, ["model.moe.top_k=1", "steps=7"], {"steps": 6, "optimizer": {"eps": 0.5}})
+    assert (cfg.model.num_layers, cfg.model.hidden_size, cfg.model.moe.num_experts, cfg.model.moe.top_k) == (3, 64, 8, 1)
+    assert (cfg.steps, cfg.optimizer.lr, cfg.optimizer.eps, cfg.optimizer.beta2) == (7, 0.1, 0.5, 0.95)
+    cfg = resolve(TrainConfig, None, None, ["model=tiny-moe", "model.moe.top_k=1"])
+    assert cfg.model.moe is not None and (cfg.model.moe.top_k, cfg.model.num_layers) == (1, 2)
+    with pytest.raises(ConfigError, match=r"unknown .*'tiny-xl'"):
+        resolve(TrainConfig, None, {"model": "tiny-xl"})

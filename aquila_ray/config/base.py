@@ -1,7 +1,9 @@
-"""Helpers shared by every config dataclass: dict round trips, YAML overlays, ``a.b=c`` overrides.
+"""Helpers shared by every config dataclass: dict round trips, YAML overlays, ``a.b=c`` overrides, and
+``resolve``, the one way every job builds its config.
 
 Configs are plain dataclasses (STYLE.md rule 3); YAML is only a thin overlay on a preset and the saved
-record of a run. Unknown fields are errors, never silently dropped.
+record of a run. Unknown fields are errors, never silently dropped. A field declared with
+``preset_field(get_preset, ...)`` (a model shape) also takes a preset name, or ``{preset: NAME, field: value}``.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ import dataclasses
 import json
 import types
 import typing
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar, Union, get_args, get_origin, get_type_hints
 
@@ -18,6 +21,26 @@ import yaml
 from aquila_ray.errors import ConfigError
 
 T = TypeVar("T")
+
+PRESET_KEY = "preset"
+
+
+def preset_field(get: Callable[[str], Any], default: str) -> Any:
+    """A dataclass field whose value may be given as a preset name (``get(name)``), as ``{preset: NAME,
+    field: value...}`` (the preset with those fields changed), or in full; its default is ``get(default)``."""
+    return dataclasses.field(default_factory=lambda: get(default), metadata={PRESET_KEY: get})
+
+
+def _named(value: Any, get: Callable[[str], Any]) -> Any:
+    """A preset-field value given by name (or ``{preset: NAME, ...}``) as the full mapping of its fields."""
+    if isinstance(value, str):
+        return to_dict(get(value))
+    rest = {k: v for k, v in value.items() if k != PRESET_KEY}
+    return merge_overlay(to_dict(get(value[PRESET_KEY])), rest)
+
+
+def _by_name(value: Any) -> bool:
+    return isinstance(value, str) or (isinstance(value, dict) and PRESET_KEY in value)
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
@@ -65,7 +88,9 @@ def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
             f"valid fields: {sorted(fields)}"
         )
     hints = get_type_hints(cls)
-    kwargs = {k: _coerce(v, hints[k], prefix + k) for k, v in data.items()}
+    named = {k: _named(v, fields[k].metadata[PRESET_KEY]) for k, v in data.items()
+             if PRESET_KEY in fields[k].metadata and _by_name(v)}
+    kwargs = {k: _coerce(named.get(k, v), hints[k], prefix + k) for k, v in data.items()}
     return cls(**kwargs)
 
 
@@ -89,6 +114,8 @@ def apply_overrides(cfg: T, overrides: list[str] | dict[str, Any]) -> T:
         node = data
         parts = key.split(".")
         for p in parts[:-1]:
+            if isinstance(node.get(p), str):  # a section given by preset name: --set model=x --set model.y=1
+                node[p] = {PRESET_KEY: node[p]}
             if not isinstance(node.get(p), dict):
                 node[p] = {} if node.get(p) is None else node[p]
                 if not isinstance(node[p], dict):
@@ -108,14 +135,32 @@ def _split(override: str) -> tuple[str, Any]:
 def merge_overlay(base: dict[str, Any], overlay: dict[str, Any], whole: frozenset[str] = frozenset()
                   ) -> dict[str, Any]:
     """``overlay`` on top of ``base`` (both ``to_dict`` forms): nested mappings merge key by key, except the
-    fields named in ``whole`` (mapping-valued fields an overlay replaces as a whole); anything else replaces."""
+    fields named in ``whole`` (mapping-valued fields an overlay replaces as a whole) and a section given by
+    preset (``{preset: NAME, ...}`` starts again from that preset); anything else replaces."""
     out = dict(base)
     for key, value in overlay.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict) and key not in whole:
+        if isinstance(value, dict) and isinstance(out.get(key), dict) and key not in whole \
+                and PRESET_KEY not in value:
             out[key] = merge_overlay(out[key], value, whole)
         else:
             out[key] = value
     return out
+
+
+def resolve(cls: type[T], base: T | None = None, overlay: dict[str, Any] | str | Path | None = None,
+            overrides: list[str] | None = None, flags: dict[str, Any] | None = None,
+            whole: frozenset[str] = frozenset()) -> T:
+    """Every job's config, one way: ``base`` (a preset's instance; default ``cls()``) <- ``overlay`` (the
+    ``--config`` YAML/JSON file, or a mapping) <- ``flags`` (the job's own options, as a mapping of the fields
+    they set) <- ``overrides`` (``--set a.b=value``). Nested mappings merge (``merge_overlay``; ``whole`` names
+    fields an overlay replaces as a whole); unknown fields and invalid values raise a ConfigError before any
+    work."""
+    data = to_dict(base if base is not None else cls())
+    for layer in (overlay, flags):
+        if layer:
+            data = merge_overlay(data, load_overlay(layer) if isinstance(layer, (str, Path)) else dict(layer), whole)
+    cfg = from_dict(cls, data)
+    return apply_overrides(cfg, overrides) if overrides else cfg
 
 
 def load_overlay(path: str | Path) -> dict[str, Any]:

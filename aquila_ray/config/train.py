@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from aquila_ray.config.base import apply_overrides, from_dict, load_overlay
+from aquila_ray.config.base import preset_field, resolve
 from aquila_ray.config.model import ModelConfig
 from aquila_ray.config.presets import get_preset
 from aquila_ray.errors import ConfigError
@@ -185,7 +185,7 @@ class ScalingOptions:
 class TrainConfig:
     """One training run (one EfficientScale stage): model, data, batch, optimizer, schedule, workers."""
 
-    model: ModelConfig = field(default_factory=lambda: get_preset("tiny"))
+    model: ModelConfig = preset_field(get_preset, "tiny")
     """The model shape (dense or MoE). In YAML: a preset name, {preset: NAME, field: value...}, or all fields."""
     data_dir: str = ""
     """A prepared data directory (manifest.json + tokens/{train,validation}/*.arrow): a local path or a URI
@@ -324,59 +324,8 @@ class TrainConfig:
         return batch
 
 
-def model_from_overlay(value: Any) -> ModelConfig:
-    """A model from a preset name, ``{preset: NAME, field: value...}``, a full mapping, or a ModelConfig."""
-    if isinstance(value, ModelConfig):
-        return value
-    if isinstance(value, str):
-        return get_preset(value)
-    if isinstance(value, dict):
-        if "preset" in value:
-            rest = {k: v for k, v in value.items() if k != "preset"}
-            return apply_overrides(get_preset(value["preset"]), rest)
-        return from_dict(ModelConfig, value, prefix="model.")
-    raise ConfigError(f"model={value!r} must be a preset name, {{preset: NAME, ...}}, or a mapping of fields")
-
-
 def build_train_config(overlay: dict[str, Any] | str | Path | None = None,
                        overrides: list[str] | None = None) -> TrainConfig:
-    """A TrainConfig from a YAML/JSON file or dict overlaid on the defaults, then ``a.b=value`` overrides.
-
-    ``model`` may be a preset name or ``{preset: NAME, field: value}``; ``--set model=tiny-moe`` works too.
-    """
-    data = load_overlay(overlay) if isinstance(overlay, (str, Path)) else dict(overlay or {})
-    model = model_from_overlay(data.pop("model", "tiny"))
-    model_overrides: list[str] = []
-    rest: list[str] = []
-    for o in overrides or []:
-        key = o.split("=", 1)[0].strip()
-        if key == "model":
-            model = model_from_overlay(o.split("=", 1)[1].strip())
-        elif key.startswith("model."):
-            model_overrides.append(o[len("model."):])
-        else:
-            rest.append(o)
-    if model_overrides:
-        model = apply_overrides(model, model_overrides)
-    cfg = from_dict(TrainConfig, {**data, "model": model})
-    return apply_overrides(cfg, rest) if rest else cfg
-
-
-def stage_train_config(stage: Any, model: ModelConfig, data_dir: str, *, init: str = "scratch",
-                       init_from: str | None = None, seed: int = 0, data_start: int = 0,
-                       wandb_project: str = "aquila-ray", wandb_group: str | None = None) -> TrainConfig:
-    """The TrainConfig of one EfficientScale stage (``aquila_ray.config.recipe.StageConfig``: steps, lr,
-    schedule, batch, workers, ZeRO stage, expert parallelism, restarts, eval and checkpoint frequency)."""
-    return TrainConfig(
-        model=model, data_dir=data_dir, init=init, init_from=init_from, steps=stage.steps,  # type: ignore[arg-type]
-        data_start=data_start,
-        global_batch_tokens=stage.global_batch_tokens, micro_batch_size=stage.micro_batch_size, seed=seed,
-        optimizer=OptimizerConfig(lr=stage.lr, weight_decay=stage.weight_decay, grad_clip=stage.grad_clip),
-        schedule=ScheduleConfig(kind=stage.schedule, warmup_steps=stage.warmup_steps,
-                                min_lr_ratio=stage.min_lr_ratio),
-        checkpoint=CheckpointingConfig(every=stage.checkpoint_every),
-        scaling=ScalingOptions(num_workers=stage.num_workers, use_gpu=stage.use_gpu, zero_stage=stage.zero_stage,
-                               expert_parallel=stage.expert_parallel, max_failures=stage.max_failures),
-        wandb=WandbConfig(project=wandb_project, group=wandb_group),
-        eval_every=stage.eval_every, activation_checkpointing=stage.activation_checkpointing,
-    )
+    """``resolve(TrainConfig, ...)``: the defaults <- a YAML/JSON file or mapping <- ``a.b=value`` overrides.
+    ``model`` may be a preset name or ``{preset: NAME, field: value}``; ``--set model=tiny-moe`` works too."""
+    return resolve(TrainConfig, None, overlay, overrides)

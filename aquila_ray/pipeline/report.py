@@ -1,4 +1,5 @@
-"""The run report: ``report.json`` (per stage and per transition) and ``loss_vs_flops.png``.
+"""The run report: ``report.json`` (per stage and per transition) and ``loss_vs_flops.png``, rebuilt by
+``write_report`` from the typed stage results after every run of the pipeline.
 
 Transitions are measured the way the AquilaMoE paper's figure reads them: validation loss of the last
 checkpoint before the transition, of the transformed checkpoint before any training on it ("just after"),
@@ -8,10 +9,18 @@ previous stage's final (smoothed) training loss.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
+from aquila_ray.config.recipe import STAGE_FIELDS
+from aquila_ray.pipeline.results import StageResult
+from aquila_ray.pipeline.stages import completed, stage_dir
+from aquila_ray.train.metrics import read_metrics
+
 SMOOTH = 0.9
+REPORT_NAME = "report.json"
+PLOT_NAME = "loss_vs_flops.png"
 
 
 def ema(values: list[float], beta: float = SMOOTH) -> list[float]:
@@ -96,3 +105,29 @@ def plot_loss_vs_flops(train_stages: list[dict[str, Any]], path: str | Path) -> 
     fig.savefig(path)
     plt.close(fig)
     return Path(path)
+
+
+def write_report(root: Path, outs: dict[str, Any]) -> dict[str, Any]:
+    """report.json and loss_vs_flops.png from the stages done so far (their typed results, by name)."""
+    train_stages = []
+    for name in STAGE_FIELDS:
+        if name not in outs:
+            continue
+        stage: StageResult = outs[name]
+        train_stages.append({"name": name, "model": stage.model,
+                             "metrics": read_metrics(stage_dir(root, name) / "metrics.jsonl"),
+                             "validation_loss": stage.validation.loss if stage.validation else stage.validation_loss})
+    transitions = []
+    for t, a, b in (("scale_up", "train_small", "train_large"), ("scale_out", "train_large", "train_moe")):
+        if t in outs:
+            after = outs[b].validation_start if b in outs else None
+            transitions.append({"name": t, "from_stage": a, "to_stage": b, "loss_before": outs[t].loss_before,
+                                "loss_after": after.loss if after is not None else None})
+    report = build_report(train_stages, transitions)
+    report["stage_seconds"] = {k: (completed(root, k) or {}).get("seconds") for k in outs}
+    if "evaluate" in outs:
+        report["evaluation"] = outs["evaluate"].results
+    (root / REPORT_NAME).write_text(json.dumps(report, indent=2))
+    if any(s["metrics"] for s in train_stages):
+        plot_loss_vs_flops(train_stages, root / PLOT_NAME)
+    return report
