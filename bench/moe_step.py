@@ -36,8 +36,8 @@ import torch
 from deepspeed.moe.layer import MoE
 
 from aquila_ray.config import ModelConfig, MoEConfig
-from aquila_ray.model.model import MLP
-from aquila_ray.moe import MoELayer, route
+from aquila_ray.model import MLP, MoELayer
+from aquila_ray.moe import route
 
 GOALS: dict[str, tuple[str, float, str]] = {  # metric -> (comparison, bound, the goal in words), on CPU
     "speedup_vs_deepspeed_moe": (">=", 1.2, "ours >= 1.2x faster than DeepSpeed's MoE, forward+backward"),

@@ -10,8 +10,8 @@ import torch
 
 from aquila_ray.config import MoEConfig, get_preset
 from aquila_ray.errors import ConfigError
-from aquila_ray.model import Aquila3, build_model
-from aquila_ray.moe import ExpertParallel, MoELayer, dispatch_combine, load_balancing_loss, route, router_z_loss
+from aquila_ray.model import Aquila3, MoELayer, build_model
+from aquila_ray.moe import ExpertParallel, dispatch_combine, load_balancing_loss, route, router_z_loss
 
 
 def _cfg(**moe: object):  # type: ignore[no-untyped-def]

@@ -16,8 +16,8 @@ from aquila_ray.checkpoint import load_model, save_model
 from aquila_ray.config import MoEConfig, get_preset
 from aquila_ray.errors import ConfigError, ConversionError
 from aquila_ray.hf import export_hf
-from aquila_ray.model import build_model
-from aquila_ray.moe import MoELayer, load_balancing_loss, route
+from aquila_ray.model import MoELayer, build_model
+from aquila_ray.moe import load_balancing_loss, route
 from aquila_ray.train.engine import param_groups, set_lr
 from aquila_ray.train.metrics import router_metrics, router_telemetry
 from aquila_ray.train.parallelize import balance_experts

@@ -1,4 +1,4 @@
-"""The Aquila3 decoder (single-device, pure PyTorch)."""
+"""The Aquila3 decoder, dense or MoE (single-device, pure PyTorch)."""
 
 from aquila_ray.model.model import (
     MLP,
@@ -6,9 +6,10 @@ from aquila_ray.model.model import (
     Attention,
     Block,
     ModelOutput,
+    MoELayer,
     RMSNorm,
     RouterStats,
     build_model,
 )
 
-__all__ = ["MLP", "Aquila3", "Attention", "Block", "ModelOutput", "RMSNorm", "RouterStats", "build_model"]
+__all__ = ["MLP", "Aquila3", "Attention", "Block", "ModelOutput", "MoELayer", "RMSNorm", "RouterStats", "build_model"]

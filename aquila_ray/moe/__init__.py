@@ -1,7 +1,8 @@
-"""Mixture of Experts: fp32 top-k router with load-balancing and z losses, SwiGLU experts, and a token
-dispatcher with expert parallelism (all-to-all over the expert-parallel group).
+"""Mixture of Experts: fp32 top-k router with load-balancing and z losses, and a token dispatcher with
+expert parallelism (all-to-all over the expert-parallel group). The layer that combines them with SwiGLU
+experts, ``MoELayer``, is part of the decoder (``aquila_ray.model``, which imports this package; nothing
+here imports the model).
 
-- ``MoELayer``: what ``aquila_ray.model`` builds for every MLP when ``ModelConfig.moe`` is set.
 - ``Router``, ``route``, ``load_balancing_loss``, ``router_z_loss``: routing and the losses.
 - ``ExpertParallel``, ``use_expert_parallel``, ``dispatch_combine``: placement and token exchange.
 - The distributed side (process groups, DeepSpeed registration and optimizer groups, expert-gradient
@@ -21,13 +22,11 @@ from aquila_ray.moe.dispatcher import (
     dispatch_combine,
     use_expert_parallel,
 )
-from aquila_ray.moe.layer import MoELayer
 from aquila_ray.moe.router import Router, Routing, load_balancing_loss, route, router_z_loss
 
 __all__ = [
     "Dispatched",
     "ExpertParallel",
-    "MoELayer",
     "Router",
     "SINGLE_DEVICE",
     "Routing",

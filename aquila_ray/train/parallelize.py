@@ -49,9 +49,8 @@ from torch import nn
 from aquila_ray.config.model import ModelConfig
 from aquila_ray.config.train import TrainConfig
 from aquila_ray.errors import ConfigError
-from aquila_ray.model import Aquila3, build_model
+from aquila_ray.model import Aquila3, MoELayer, build_model
 from aquila_ray.moe.dispatcher import ExpertParallel
-from aquila_ray.moe.layer import MoELayer
 from aquila_ray.upcycle.online import build_upcycled_model
 from aquila_ray.upcycle.upcycle import UpcycleOptions
 
