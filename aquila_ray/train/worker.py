@@ -78,11 +78,28 @@ def _maybe_inject_fault(cfg: TrainConfig, rank: int, step: int, log_dir: Path) -
     r, s = (int(x) for x in cfg.fault_injection.split("@"))
     marker = log_dir / f"fault_injection-rank{r}-step{s}.json"
     if rank == r and step == s and not marker.exists():
-        # Give Ray Train's controller time to register the checkpoint reported before (it polls the
-        # workers); otherwise the run would sometimes resume from the one before it and tests would race.
-        time.sleep(2.0)
+        _wait_for_reported_checkpoints()
         marker.write_text(json.dumps({"time": time.time(), "rank": r, "step": s, "pid": os.getpid()}))
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _wait_for_reported_checkpoints(timeout_s: float = 300.0) -> None:
+    """For the fault-injection hook: wait until every report this worker made has reached Ray Train's
+    controller (an asynchronous upload to object storage can take seconds under load), then 2 s for the
+    controller to register its checkpoint; otherwise the restarted run would sometimes resume from the one
+    before it and tests would race. Reads Ray Train V2's worker context (internal, so a testing hook only);
+    without it, only the fixed pause."""
+    try:  # deferred: a Ray Train worker's internals, only in this testing hook
+        from ray.train.v2._internal.execution.context import get_train_context
+
+        ctx = get_train_context()
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline and (ctx.current_report_index < ctx.report_call_index
+                                               or not ctx.get_result_queue().empty()):
+            time.sleep(0.1)
+    except (ImportError, RuntimeError, AttributeError):
+        pass
+    time.sleep(2.0)
 
 
 def _all_reduce_sum(t: torch.Tensor, world_size: int) -> torch.Tensor:
