@@ -285,6 +285,9 @@ def test_other_config_on_finished_output_is_refused(run) -> None:
         prepare_data(config_for(p, out, "pack.seq_len=64"))
 
 
+# A whole second data job (~70 s here): slow, to keep CI under 30 minutes. In CI the mixing rates and copies
+# are checked in one process by tests/test_data_steps.py::test_mixing_rates_and_copies.
+@pytest.mark.slow
 def test_mixing_weights_are_realized(ray_cluster, planted, tmp_path: Path) -> None:
     p, root = planted
     cfg = load_data_config(None, ["tokenizer.vocab_size=400", "pack.seq_len=32", "mix.validation_fraction=0.0",
@@ -347,6 +350,10 @@ def test_duplicates_dataset_decides_as_find_duplicates(ray_cluster) -> None:
     assert dict(zip(rows["order"], rows["dup_reason"], strict=True)) == expected
 
 
+# The worst case for the rounds (~80 s here): slow, to keep CI under 30 minutes. In CI the components are
+# checked by test_duplicates_dataset_decides_as_find_duplicates (chains and stars among 3,000 planted
+# signatures) and by the planted corpus' exact near-duplicate count.
+@pytest.mark.slow
 def test_components_of_a_shuffled_path_and_of_stars(ray_cluster) -> None:
     """Min-label propagation's worst case, a path whose labels must travel its whole length, shuffled."""
     import pyarrow as pa
