@@ -77,6 +77,8 @@ class RecipeConfig:
                               "from RecipeConfig.scale_out.moe")
         dense = {"train_small": self.small, "train_large": self.large}
         for stage in STAGE_FIELDS:  # every stage's TrainConfig, checked now (the data's vocabulary comes later)
+            # the MoE stage is checked on large + scale_out.moe (the expert width the pipeline's moe_model sets
+            # does not enter any TrainConfig check)
             model = dense.get(stage) or dataclasses.replace(self.large, moe=self.scale_out.moe)
             self.stage_config(stage, model, data_dir="")
 
@@ -159,8 +161,6 @@ def get_recipe(name: str) -> RecipeConfig:
     if name not in RECIPES:
         raise ConfigError(f"unknown recipe preset {name!r}; valid presets: {sorted(RECIPES)}")
     return RECIPES[name]()
-
-
 
 
 def build_recipe_config(preset: str = "tiny", overlay: dict[str, Any] | str | Path | None = None,

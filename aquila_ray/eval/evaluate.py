@@ -164,19 +164,3 @@ def evaluate_checkpoint(ckpt: str | Path, data_dir: str | Path | None = None, sp
         results["multiple_choice"] = {"tasks": str(tasks),
                                       **multiple_choice(model, Tokenizer.from_file(str(tok_path)), read_tasks(tasks))}
     return results
-
-
-__all__ = [
-    "SAMPLE_TASKS",
-    "choice_counts",
-    "choice_scores",
-    "choice_summary",
-    "evaluate_checkpoint",
-    "evaluate_loss",
-    "load_tasks",
-    "multiple_choice",
-    "parse_tasks",
-    "read_tasks",
-    "sequence_loss",
-    "tasks_location",
-]

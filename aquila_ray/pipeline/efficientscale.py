@@ -16,7 +16,6 @@ Stage outputs are plain model checkpoints (``DIR/stages/<stage>/final`` for trai
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 from pathlib import Path
@@ -102,8 +101,7 @@ class _Run:
         start = outs[prev].data_position if prev else 0
         tc = self.cfg.stage_config(name, model, outs["data"].data_dir, init=init, init_from=init_from,
                                    data_start=start, wandb_group=self.name)
-        tasks = tasks_location(tc.eval_tasks)
-        tc = dataclasses.replace(tc, eval_tasks=tasks)
+        tasks = tasks_location(tc.eval_tasks)  # what the workers score ("sample" is resolved by them too)
         trained = train_stage(tc, self.storage, f"{self.name}.{name}", d / "final")
         rows = trained.rows
         (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
