@@ -4,7 +4,8 @@
                              [--router-init-std 0.02] [--seed S] [--set moe.router_order=softmax_then_topk]
 
 Every MLP becomes E experts (exact copies; with G > 1, 1/G slices with virtual-group router init and
-weight scaling, arXiv 2410.07524). Writes the MoE checkpoint and DST/upcycle_report.json with the measured
+weight scaling, arXiv 2410.07524; ``--set moe.drop_upcycling_ratio=0.5`` re-initializes half of each expert's
+units, Drop-Upcycling, arXiv 2502.19261). Writes the MoE checkpoint and DST/upcycle_report.json with the measured
 logit difference against the dense model on a probe batch. ``--set``/``--config`` apply to the target
 model config (fields of ModelConfig, e.g. ``moe.capacity_factor=1.25``). Runs in a Ray task (joining the
 running cluster, or starting a local one); ``--local`` runs in this process. Online upcycling (no MoE
@@ -19,7 +20,7 @@ from typing import Any
 from aquila_ray.checkpoint import load_config
 from aquila_ray.config import ModelConfig, resolve, to_dict
 from aquila_ray.pipeline.tasks import run_scale_out, use_transform_env
-from aquila_ray.upcycle import UpcycleOptions, exactly_preserving, moe_config, weight_scale
+from aquila_ray.upcycle import UpcycleOptions, exactly_preserving, method, moe_config, weight_scale
 from jobs.common import base_parser, print_plan, run_main
 
 
@@ -28,6 +29,7 @@ def plan(src: ModelConfig, dst: ModelConfig, options: UpcycleOptions) -> dict[st
     m = dst.moe
     G = m.granularity
     return {
+        "method": method(dst),
         "source": src.describe(),
         "target": dst.describe(),
         "parameters": {"dense": src.num_params(), "moe_total": dst.num_params(),

@@ -18,9 +18,12 @@ from aquila_ray.upcycle import (
     REPORT_NAME,
     UpcycleOptions,
     build_upcycled_model,
+    dropped_units,
+    exactly_preserving,
     moe_config,
     upcycle_checkpoint,
     upcycle_state_dict,
+    weight_scale,
 )
 
 
@@ -109,3 +112,63 @@ def test_granular_online_equals_offline(dense, tmp_path: Path) -> None:  # type:
     sd = on.state_dict()
     assert {k.split(".")[4] for k in sd if ".experts." in k} == {"6", "7"}
     assert all(torch.equal(v, off[k]) for k, v in sd.items())
+
+
+@pytest.mark.parametrize("granularity", [1, 2])
+def test_drop_upcycling_reinitializes_exactly_its_units(dense, tmp_path: Path,  # type: ignore[no-untyped-def]
+                                                        granularity: int) -> None:
+    """Drop-Upcycling (arXiv 2502.19261): each expert re-draws round(r * F_e) of its intermediate units (gate and
+    up rows, down columns, the same units in all three) from N(mean, std) of the dense matrix; every other
+    weight is bit-equal to plain upcycling; the sets differ between experts; online equals offline."""
+    src, model = dense
+    ratio = 0.5
+    plain_cfg = moe_config(src, 8, 2 * granularity, granularity)
+    drop_cfg = moe_config(src, 8, 2 * granularity, granularity, drop_upcycling_ratio=ratio)
+    sd = model.state_dict()
+    plain = upcycle_state_dict(sd, src, plain_cfg, UpcycleOptions(seed=3))
+    drop = upcycle_state_dict(sd, src, drop_cfg, UpcycleOptions(seed=3))
+    assert set(plain) == set(drop)
+    F_e = drop_cfg.expert_intermediate_size
+    count = round(ratio * F_e)
+    fresh: dict[str, list[torch.Tensor]] = {"gate_proj": [], "up_proj": [], "down_proj": []}
+    unit_sets = set()
+    for key in plain:
+        if ".experts." not in key:
+            assert torch.equal(plain[key], drop[key]), key  # router, attention, embeddings untouched
+    for layer in range(src.num_layers):
+        for e in range(8):
+            units = dropped_units(layer, e, drop_cfg, seed=3)
+            assert len(units) == count == len(set(units.tolist()))
+            unit_sets.add(tuple(units.tolist()))
+            kept = torch.ones(F_e, dtype=torch.bool)
+            kept[units] = False
+            for name, dim in (("gate_proj", 0), ("up_proj", 0), ("down_proj", 1)):
+                k = f"layers.{layer}.mlp.experts.{e}.{name}.weight"
+                a, b = plain[k], drop[k]
+                a_kept, b_kept = (a[kept], b[kept]) if dim == 0 else (a[:, kept], b[:, kept])
+                assert torch.equal(a_kept, b_kept), k  # the rest is the copy, bit for bit
+                a_new, b_new = (a[units], b[units]) if dim == 0 else (a[:, units], b[:, units])
+                differs = (a_new != b_new).any(dim=1 - dim)  # each dropped unit changed
+                assert bool(differs.all()), k
+                fresh[name].append(b_new.flatten())
+    assert len(unit_sets) == src.num_layers * 8  # a different set in every expert of every layer
+    for name, values in fresh.items():
+        ref = torch.cat([sd[f"layers.{layer}.mlp.{name}.weight"].flatten() for layer in range(src.num_layers)])
+        if name == "down_proj":  # weight scaling (G) applies to fresh and copied units alike
+            ref = ref * weight_scale(drop_cfg)
+        got = torch.cat(values)
+        # drawn per layer from that layer's statistics; pooled, they match the pooled dense ones within sampling error
+        assert abs(got.std().item() / ref.std().item() - 1) < 0.05, name
+        assert abs(got.mean().item() - ref.mean().item()) < 5 * ref.std().item() / got.numel() ** 0.5, name
+    assert not exactly_preserving(drop_cfg) and exactly_preserving(plain_cfg)
+    save_model(model, tmp_path / "dense")
+    online = build_upcycled_model(tmp_path / "dense", drop_cfg, ExpertParallel(size=2, rank=1), UpcycleOptions(seed=3))
+    assert all(torch.equal(v, drop[k]) for k, v in online.state_dict().items())
+    other_seed = upcycle_state_dict(sd, src, drop_cfg, UpcycleOptions(seed=4))
+    key = "layers.0.mlp.experts.0.gate_proj.weight"
+    assert not torch.equal(other_seed[key], drop[key])  # the seed picks the units and the draws
+
+
+def test_drop_upcycling_ratio_is_checked() -> None:
+    with pytest.raises(ConfigError, match=r"MoEConfig.drop_upcycling_ratio=1.5 must lie in \[0, 1\]"):
+        moe_config(get_preset("tiny"), 8, 2, drop_upcycling_ratio=1.5)

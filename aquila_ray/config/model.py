@@ -63,6 +63,12 @@ class MoEConfig:
     starts from noise while the experts are trained copies; a larger router lr lets routing settle first)."""
     expert_lr_mult: float = 1.0
     """Learning rate of the expert weights as a multiple of the schedule's lr."""
+    drop_upcycling_ratio: float = 0.0
+    """Drop-Upcycling (Nakamura et al., ICLR 2025, arXiv 2502.19261), used when a dense model is upcycled:
+    each expert re-initializes this fraction r of its intermediate units (a different random set per
+    expert: those rows of gate_proj and up_proj and columns of down_proj) from N(mean, std) of the dense
+    matrix they came from; the rest stay copies. It breaks the copies' symmetry so experts specialize (the
+    paper: r = 0.5); the fresh MoE is then no longer the dense function. 0: plain copies."""
 
     def __post_init__(self) -> None:
         _positive(self, "num_experts", "top_k", "granularity")
@@ -76,6 +82,9 @@ class MoEConfig:
         for name in ("router_lr_mult", "expert_lr_mult"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"MoEConfig.{name}={getattr(self, name)} must be > 0 (a multiple of the lr)")
+        if not 0 <= self.drop_upcycling_ratio <= 1:
+            raise ConfigError(f"MoEConfig.drop_upcycling_ratio={self.drop_upcycling_ratio} must lie in [0, 1] (the "
+                              f"fraction of each expert's intermediate units re-initialized; 0 turns it off)")
         if self.top_k > self.num_experts:
             raise ConfigError(
                 f"MoEConfig.top_k={self.top_k} exceeds num_experts={self.num_experts}; top_k must be "

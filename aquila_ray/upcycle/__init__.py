@@ -7,14 +7,16 @@
 - ``moe_config(dense_cfg, num_experts, top_k, granularity, ...)``: the target config.
 
 Papers: Sparse Upcycling (Komatsuzaki et al., arXiv 2212.05055), AquilaMoE (2408.06567), NVIDIA
-2412.09952 (online upcycling) and 2410.07524 (virtual-group granular upcycling, weight scaling).
+2412.09952 (online upcycling) and 2410.07524 (virtual-group granular upcycling, weight scaling),
+Drop-Upcycling (Nakamura et al., arXiv 2502.19261: partial re-initialization of the expert copies).
 """
 
-from aquila_ray.upcycle.offline import REPORT_NAME, probe_logit_difference, upcycle_checkpoint
+from aquila_ray.upcycle.offline import REPORT_NAME, method, probe_logit_difference, upcycle_checkpoint
 from aquila_ray.upcycle.online import build_upcycled_model
 from aquila_ray.upcycle.upcycle import (
     UpcycleOptions,
     check_compatible,
+    dropped_units,
     exactly_preserving,
     expert_slice,
     moe_config,
@@ -30,8 +32,10 @@ __all__ = [
     "UpcycleOptions",
     "build_upcycled_model",
     "check_compatible",
+    "dropped_units",
     "exactly_preserving",
     "expert_slice",
+    "method",
     "moe_config",
     "probe_logit_difference",
     "renormalized",

@@ -53,6 +53,17 @@ def probe_logit_difference(dense_sd: dict[str, torch.Tensor], src: ModelConfig, 
             "dropped_assignments": dropped}
 
 
+def method(dst: ModelConfig) -> str:
+    """What the upcycling does, in words, for reports and plans."""
+    assert dst.moe is not None
+    words = ("virtual-group granular upcycling (arXiv 2410.07524)" if dst.moe.granularity > 1
+             else "sparse upcycling: experts are copies of the dense MLP (arXiv 2212.05055)")
+    if dst.moe.drop_upcycling_ratio > 0:
+        words += (f", then Drop-Upcycling (arXiv 2502.19261): {dst.moe.drop_upcycling_ratio:g} of each expert's "
+                  f"intermediate units re-initialized")
+    return words
+
+
 def upcycle_checkpoint(src_dir: str | Path, dst_dir: str | Path, dst: ModelConfig,
                        options: UpcycleOptions = DEFAULT_OPTIONS, probe: bool = True) -> dict[str, Any]:
     """Write the MoE checkpoint at ``dst_dir`` (atomically, report inside); return the report."""
@@ -63,8 +74,7 @@ def upcycle_checkpoint(src_dir: str | Path, dst_dir: str | Path, dst: ModelConfi
     report: dict[str, Any] = {
         "source": str(src_dir),
         "destination": str(dst_dir),
-        "method": "virtual-group granular upcycling (arXiv 2410.07524)" if dst.moe.granularity > 1
-        else "sparse upcycling: experts are copies of the dense MLP (arXiv 2212.05055)",
+        "method": method(dst),
         "moe": to_dict(dst.moe),
         "router_init": f"N(0, std={dst.moe.router_init_std}) per virtual group of {dst.moe.granularity}",
         "seed": options.seed,
@@ -80,4 +90,4 @@ def upcycle_checkpoint(src_dir: str | Path, dst_dir: str | Path, dst: ModelConfi
     return report
 
 
-__all__ = ["REPORT_NAME", "probe_logit_difference", "upcycle_checkpoint"]
+__all__ = ["REPORT_NAME", "method", "probe_logit_difference", "upcycle_checkpoint"]

@@ -91,7 +91,7 @@ def exactly_preserving(dst: ModelConfig, options: UpcycleOptions = DEFAULT_OPTIO
     """Will the fresh MoE compute the dense function (up to float rounding)?"""
     moe = _moe(dst)
     scale_ok = moe.granularity == 1 or options.weight_scaling
-    return renormalized(moe) and moe.capacity_factor is None and scale_ok
+    return renormalized(moe) and moe.capacity_factor is None and scale_ok and moe.drop_upcycling_ratio == 0
 
 
 def check_compatible(src: ModelConfig, dst: ModelConfig) -> None:
@@ -131,17 +131,52 @@ def router_weight(layer: int, dst: ModelConfig, seed: int) -> torch.Tensor:
 
 
 def expert_slice(gate_FD: torch.Tensor, up_FD: torch.Tensor, down_DF: torch.Tensor, expert: int,
-                 dst: ModelConfig, scale: float) -> dict[str, torch.Tensor]:
-    """Expert ``expert``'s three weights: slice ``expert % G`` of the dense MLP, down_proj times ``scale``."""
+                 dst: ModelConfig, scale: float, layer: int = 0, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Expert ``expert``'s three weights: slice ``expert % G`` of the dense MLP, ``drop_upcycled`` when
+    ``MoEConfig.drop_upcycling_ratio`` > 0 (Drop-Upcycling, from ``seed`` and ``layer``), down_proj times
+    ``scale`` (after the re-initialization, so fresh and copied units get the same factor)."""
     G = _moe(dst).granularity
     F_e = dst.expert_intermediate_size
     g = expert % G
     rows = slice(g * F_e, (g + 1) * F_e)
-    down = down_DF[:, rows]
+    gate, up, down = gate_FD[rows].clone(), up_FD[rows].clone(), down_DF[:, rows].contiguous().clone()
+    if _moe(dst).drop_upcycling_ratio > 0:
+        _drop_upcycle(gate, up, down, (gate_FD, up_FD, down_DF), layer, expert, dst, seed)
     if scale != 1.0:
         down = (down.double() * scale).to(down_DF.dtype)
-    return {"gate_proj.weight": gate_FD[rows].clone(), "up_proj.weight": up_FD[rows].clone(),
-            "down_proj.weight": down.contiguous().clone()}
+    return {"gate_proj.weight": gate, "up_proj.weight": up, "down_proj.weight": down}
+
+
+def dropped_units(layer: int, expert: int, dst: ModelConfig, seed: int) -> torch.Tensor:
+    """The intermediate units (indices into the expert's F_e) that Drop-Upcycling re-initializes in one
+    expert: ``round(r * F_e)`` of them, sorted, drawn from a generator of (seed, layer, expert) alone, so an
+    expert-parallel rank that builds only its own experts draws the same ones as the offline transform."""
+    F_e = dst.expert_intermediate_size
+    count = round(_moe(dst).drop_upcycling_ratio * F_e)
+    gen = torch.Generator().manual_seed(_drop_seed(layer, expert, dst, seed))
+    return torch.randperm(F_e, generator=gen)[:count].sort().values
+
+
+def _drop_upcycle(gate_FD: torch.Tensor, up_FD: torch.Tensor, down_DF: torch.Tensor,
+                  dense: tuple[torch.Tensor, torch.Tensor, torch.Tensor], layer: int, expert: int,
+                  dst: ModelConfig, seed: int) -> None:
+    """Drop-Upcycling's diversity re-initialization (arXiv 2502.19261), in place on one expert's fresh copies:
+    the ``dropped_units`` rows of gate_proj and up_proj and columns of down_proj are drawn from
+    N(mean, std) of the whole dense matrix each came from (``dense``: gate, up, down)."""
+    units = dropped_units(layer, expert, dst, seed)
+    if len(units) == 0:
+        return
+    gen = torch.Generator().manual_seed(_drop_seed(layer, expert, dst, seed) + 1)
+    for w, src, dim in ((gate_FD, dense[0], 0), (up_FD, dense[1], 0), (down_DF, dense[2], 1)):
+        stats = src.double()
+        shape = (len(units), w.shape[1]) if dim == 0 else (w.shape[0], len(units))
+        fresh = (torch.randn(shape, generator=gen, dtype=torch.float64) * stats.std() + stats.mean()).to(w.dtype)
+        w.index_copy_(dim, units, fresh)
+
+
+def _drop_seed(layer: int, expert: int, dst: ModelConfig, seed: int) -> int:
+    # distinct from router_weight's seed * _SEED_STRIDE + layer for every layer and expert
+    return ((seed * _SEED_STRIDE + layer) * _moe(dst).num_experts + expert) * 2 + _SEED_STRIDE
 
 
 def upcycle_tensors(get: Callable[[str], torch.Tensor], dense_keys: Iterable[str], src: ModelConfig,
@@ -173,7 +208,7 @@ def upcycle_tensors(get: Callable[[str], torch.Tensor], dense_keys: Iterable[str
             raise ConfigError(f"layer {layer} MLP shapes {tuple(gate.shape)}, {tuple(up.shape)}, "
                               f"{tuple(down.shape)} do not match the config ({F}, {D}) / ({D}, {F})")
         for e in experts:
-            for name, t in expert_slice(gate, up, down, e, dst, scale).items():
+            for name, t in expert_slice(gate, up, down, e, dst, scale, layer, options.seed).items():
                 yield f"{p}experts.{e}.{name}", t
 
 
@@ -195,6 +230,7 @@ __all__ = [
     "DEFAULT_OPTIONS",
     "UpcycleOptions",
     "check_compatible",
+    "dropped_units",
     "exactly_preserving",
     "expert_slice",
     "moe_config",
