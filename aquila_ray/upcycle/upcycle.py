@@ -130,52 +130,56 @@ def router_weight(layer: int, dst: ModelConfig, seed: int) -> torch.Tensor:
     return rows.repeat_interleave(moe.granularity, dim=0)
 
 
+@dataclass(frozen=True)
+class DropSpec:
+    """What Drop-Upcycling needs for one layer: where its draws come from and the dense statistics."""
+
+    layer: int
+    seed: int
+    mean_std: tuple[tuple[float, float], tuple[float, float], tuple[float, float]]
+    """(mean, std) of the dense gate_proj, up_proj and down_proj of this layer."""
+
+    @classmethod
+    def of(cls, layer: int, seed: int, gate_FD: torch.Tensor, up_FD: torch.Tensor, down_DF: torch.Tensor
+           ) -> DropSpec:
+        g, u, d = ((float(t.double().mean()), float(t.double().std())) for t in (gate_FD, up_FD, down_DF))
+        return cls(layer, seed, (g, u, d))
+
+
 def expert_slice(gate_FD: torch.Tensor, up_FD: torch.Tensor, down_DF: torch.Tensor, expert: int,
-                 dst: ModelConfig, scale: float, layer: int = 0, seed: int = 0) -> dict[str, torch.Tensor]:
-    """Expert ``expert``'s three weights: slice ``expert % G`` of the dense MLP, ``drop_upcycled`` when
-    ``MoEConfig.drop_upcycling_ratio`` > 0 (Drop-Upcycling, from ``seed`` and ``layer``), down_proj times
-    ``scale`` (after the re-initialization, so fresh and copied units get the same factor)."""
+                 dst: ModelConfig, scale: float, drop: DropSpec | None = None) -> dict[str, torch.Tensor]:
+    """Expert ``expert``'s three weights: slice ``expert % G`` of the dense MLP; with ``drop`` (when
+    ``MoEConfig.drop_upcycling_ratio`` > 0) its ``dropped_units`` re-drawn from the dense statistics
+    (Drop-Upcycling); down_proj times ``scale``, after the re-draw, so fresh and copied units get one factor."""
     G = _moe(dst).granularity
     F_e = dst.expert_intermediate_size
     g = expert % G
     rows = slice(g * F_e, (g + 1) * F_e)
     gate, up, down = gate_FD[rows].clone(), up_FD[rows].clone(), down_DF[:, rows].contiguous().clone()
-    if _moe(dst).drop_upcycling_ratio > 0:
-        _drop_upcycle(gate, up, down, (gate_FD, up_FD, down_DF), layer, expert, dst, seed)
+    if drop is not None:
+        units = dropped_units(drop.layer, expert, dst, drop.seed)
+        gen = torch.Generator().manual_seed(_drop_seed(drop.layer, expert, dst, drop.seed) + 1)
+        for w, (mean, std), dim in zip((gate, up, down), drop.mean_std, (0, 0, 1), strict=True):
+            shape = (len(units), w.shape[1]) if dim == 0 else (w.shape[0], len(units))
+            fresh = torch.randn(shape, generator=gen, dtype=torch.float64) * std + mean
+            w.index_copy_(dim, units, fresh.to(w.dtype))
     if scale != 1.0:
         down = (down.double() * scale).to(down_DF.dtype)
     return {"gate_proj.weight": gate, "up_proj.weight": up, "down_proj.weight": down}
 
 
 def dropped_units(layer: int, expert: int, dst: ModelConfig, seed: int) -> torch.Tensor:
-    """The intermediate units (indices into the expert's F_e) that Drop-Upcycling re-initializes in one
-    expert: ``round(r * F_e)`` of them, sorted, drawn from a generator of (seed, layer, expert) alone, so an
-    expert-parallel rank that builds only its own experts draws the same ones as the offline transform."""
+    """The intermediate units (indices into the expert's F_e) that Drop-Upcycling (arXiv 2502.19261)
+    re-initializes in one expert: ``round(r * F_e)`` of them, sorted, drawn from a generator of (seed, layer,
+    expert) alone, so an expert-parallel rank that builds only its own experts draws the offline ones."""
     F_e = dst.expert_intermediate_size
     count = round(_moe(dst).drop_upcycling_ratio * F_e)
     gen = torch.Generator().manual_seed(_drop_seed(layer, expert, dst, seed))
     return torch.randperm(F_e, generator=gen)[:count].sort().values
 
 
-def _drop_upcycle(gate_FD: torch.Tensor, up_FD: torch.Tensor, down_DF: torch.Tensor,
-                  dense: tuple[torch.Tensor, torch.Tensor, torch.Tensor], layer: int, expert: int,
-                  dst: ModelConfig, seed: int) -> None:
-    """Drop-Upcycling's diversity re-initialization (arXiv 2502.19261), in place on one expert's fresh copies:
-    the ``dropped_units`` rows of gate_proj and up_proj and columns of down_proj are drawn from
-    N(mean, std) of the whole dense matrix each came from (``dense``: gate, up, down)."""
-    units = dropped_units(layer, expert, dst, seed)
-    if len(units) == 0:
-        return
-    gen = torch.Generator().manual_seed(_drop_seed(layer, expert, dst, seed) + 1)
-    for w, src, dim in ((gate_FD, dense[0], 0), (up_FD, dense[1], 0), (down_DF, dense[2], 1)):
-        stats = src.double()
-        shape = (len(units), w.shape[1]) if dim == 0 else (w.shape[0], len(units))
-        fresh = (torch.randn(shape, generator=gen, dtype=torch.float64) * stats.std() + stats.mean()).to(w.dtype)
-        w.index_copy_(dim, units, fresh)
-
-
 def _drop_seed(layer: int, expert: int, dst: ModelConfig, seed: int) -> int:
-    # distinct from router_weight's seed * _SEED_STRIDE + layer for every layer and expert
+    # one even seed per (seed, layer, expert) for the units; the odd seed after it draws their values
     return ((seed * _SEED_STRIDE + layer) * _moe(dst).num_experts + expert) * 2 + _SEED_STRIDE
 
 
@@ -207,8 +211,9 @@ def upcycle_tensors(get: Callable[[str], torch.Tensor], dense_keys: Iterable[str
         if gate.shape != (F, D) or up.shape != (F, D) or down.shape != (D, F):
             raise ConfigError(f"layer {layer} MLP shapes {tuple(gate.shape)}, {tuple(up.shape)}, "
                               f"{tuple(down.shape)} do not match the config ({F}, {D}) / ({D}, {F})")
+        drop = DropSpec.of(layer, options.seed, gate, up, down) if moe.drop_upcycling_ratio > 0 else None
         for e in experts:
-            for name, t in expert_slice(gate, up, down, e, dst, scale, layer, options.seed).items():
+            for name, t in expert_slice(gate, up, down, e, dst, scale, drop).items():
                 yield f"{p}experts.{e}.{name}", t
 
 
@@ -228,6 +233,7 @@ def upcycle_state_dict(state_dict: Mapping[str, torch.Tensor], src: ModelConfig,
 
 __all__ = [
     "DEFAULT_OPTIONS",
+    "DropSpec",
     "UpcycleOptions",
     "check_compatible",
     "dropped_units",
