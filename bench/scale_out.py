@@ -4,21 +4,22 @@ From one grown dense checkpoint (tiny trained, grown to tiny-large with AKI-Pro,
 as in bench/efficientscale.py) it trains continued dense, and the upcycled 8-expert top-2 MoE once per recipe
 option (``VARIANTS``), all with the same schedule, batch and data position, through the real trainer (Ray
 Train, DeepSpeed, 1 CPU worker). Validation loss is measured every ``--eval-every`` steps against cumulative
-training FLOPs. The dense run gets the FLOPs of the default MoE run (more steps: the MoE costs more per
-token). For each MoE option the result is ``moe_flops_to_dense_loss_ratio``: the FLOPs at which its curve
-first reaches the dense run's final validation loss, over the dense run's FLOPs (goal <= 0.8; None: not
-reached within its budget). Writes ``bench/results/scale_out.json`` and ``.png``.
+training FLOPs. The budget is the default MoE's FLOPs over ``--moe-steps``; every run spends it, so each
+runs that budget over its own FLOPs per step (the dense run and the fine-grained variants, whose active
+FLOPs are the dense model's, run more steps than the default MoE). For each MoE option the result is
+``moe_flops_to_dense_loss_ratio``: the FLOPs at which its curve first reaches the dense run's final
+validation loss, over the dense run's FLOPs (goal <= 0.8; None: not reached within its budget). Writes
+``bench/results/scale_out.json`` and ``.png`` (``--output``).
 
-Two diagnostics say why an option misses the goal. A dense run of the MoE's step count and schedule gives
-each option's gain per *step* (``val_loss_minus_dense_same_steps``, < 0: the MoE learned more per step);
-an MoE costs ``flops_per_step_over_dense`` per step, so meeting the goal needs it to reach the dense loss
-in 0.8 / that many steps, which it cannot where it learns no more per step than the dense model.
-``--capacity-steps N`` also trains the dense and the default MoE *from scratch* for N steps: if even a
-fresh MoE gains nothing per step at this model and data size, the extra expert parameters are not what
-limits the loss here (too few tokens, too little training), and no upcycling option can pay.
+A diagnostic says why an option misses the goal: a dense run of the option's step count and schedule
+gives its gain per *step* (``val_loss_minus_dense_same_steps``, < 0: the MoE learned more per step). An
+option that costs ``flops_per_step_over_dense`` per step must reach the dense loss in
+``per_step_gain_needed`` times fewer steps to meet the goal, which it cannot where it learns no more per
+step than the dense model. ``--scratch-steps N`` also trains the dense model and the default MoE from random
+init for N steps (``from_scratch``): whether a fresh MoE learns more per step at this size at all.
 
-    python bench/scale_out.py [--moe-steps 160] [--variants default,granular_g2,...] [--capacity-steps 900]
-                              [--work DIR]
+    python bench/scale_out.py [--moe-steps 160] [--variants default,granular_g2,...] [--scratch-steps 900]
+                              [--work DIR] [--output F]
 
 With ``--work DIR`` every finished run is kept (DIR/base.json, DIR/moe-NAME.json, DIR/dense-STEPS.json): a
 rerun, e.g. with more variants, trains only the new ones.
@@ -38,6 +39,7 @@ from typing import Any
 from efficientscale import RESULTS, Bench, flops_to_reach  # bench/efficientscale.py: the same runs and curves
 
 from aquila_ray.checkpoint import load_config
+from aquila_ray.config import ModelConfig
 from aquila_ray.config.growth import GrowthConfig
 from aquila_ray.pipeline.tasks import run_scale_out, run_scale_up
 from aquila_ray.upcycle import moe_config
@@ -54,8 +56,15 @@ VARIANTS: dict[str, dict[str, Any]] = {
     # Drop-Upcycling (arXiv 2502.19261) at the paper's r = 0.5: half of each expert's units re-drawn, so the
     # experts differ from the start (not function preserving)
     "drop_upcycling": {"drop_upcycling_ratio": 0.5},
+    # fine-grained: 32 experts of width F/4, top-4 (the dense model's active FLOPs; 8 virtual groups of the
+    # whole MLP, 2410.07524), as is and with Drop-Upcycling plus ST-MoE's z-loss coefficient 1e-3
+    "fine_grained": {"num_experts": 32, "top_k": 4, "granularity": 4},
+    "fine_grained_drop": {"num_experts": 32, "top_k": 4, "granularity": 4, "drop_upcycling_ratio": 0.5,
+                          "z_loss_coeff": 0.001},
+    "fine_grained_drop_z0.01": {"num_experts": 32, "top_k": 4, "granularity": 4, "drop_upcycling_ratio": 0.5},
 }
 GOAL = 0.8
+SEQ_LEN = 128  # the sample corpus's sequences (the FLOPs per token's attention term)
 
 
 def cached(path: Path, run: Callable[[], dict[str, Any]]) -> dict[str, Any]:
@@ -86,7 +95,8 @@ def plot(out: dict[str, Any], path: Path) -> None:
     ax.axhline(out["dense"]["final_val_loss"], color="grey", linewidth=0.8, linestyle=":")
     ax.set_xlabel("additional training FLOPs after growth")
     ax.set_ylabel("validation loss")
-    ax.set_title("Scale-Out: upcycled 8x top-2 MoE options vs continued dense (tiny-large, CPU)")
+    ax.set_title(f"Scale-Out: upcycled MoE options vs continued dense (tiny-large, CPU; {out['budget']['moe_steps']} "
+                 f"MoE steps' FLOPs)")
     ax.legend(fontsize=8)
     ax.grid(True, alpha=0.3)
     fig.tight_layout()
@@ -101,8 +111,8 @@ def main() -> None:
     ap.add_argument("--moe-steps", type=int, default=160)
     ap.add_argument("--eval-every", type=int, default=20)
     ap.add_argument("--lr", type=float, default=2e-3, help="lr of the large-model, dense and MoE runs")
-    ap.add_argument("--capacity-steps", type=int, default=0,
-                    help="also train dense and MoE from scratch this many steps (0: skip)")
+    ap.add_argument("--scratch-steps", type=int, default=0,
+                    help="also train the dense model and the default MoE from random init this many steps (0: skip)")
     ap.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, of {list(VARIANTS)}")
     ap.add_argument("--work", default=None, help="working directory (default: a temporary one)")
     ap.add_argument("--output", default=str(RESULTS / "scale_out.json"))
@@ -133,28 +143,42 @@ def main() -> None:
     base = cached(work / "base.json", grown_and_trained)
     dense_cfg, start = load_config(base["checkpoint"]), base["data_position"]
 
-    def upcycled_and_trained(name: str) -> dict[str, Any]:
+    def variant(name: str) -> ModelConfig:
         fields = dict(VARIANTS[name])
-        cfg = moe_config(dense_cfg, 8, 2, fields.pop("granularity", 1), **fields)
+        return moe_config(dense_cfg, int(fields.pop("num_experts", 8)), int(fields.pop("top_k", 2)),
+                          int(fields.pop("granularity", 1)), **fields)
+
+    # the budget: the default MoE's FLOPs over --moe-steps; every run gets the steps that spend it
+    budget_per_token = args.moe_steps * variant("default").flops_per_token(SEQ_LEN)
+
+    def steps_for(cfg: ModelConfig) -> int:
+        return round(budget_per_token / cfg.flops_per_token(SEQ_LEN))
+
+    def upcycled_and_trained(name: str, steps: int) -> dict[str, Any]:
+        cfg = variant(name)
         upcycled = work / f"upcycled-{name}"
         run_scale_out(base["checkpoint"], upcycled, cfg, local=True)
         return {"options": VARIANTS[name], **bench.train(
-            f"moe-{name}", cfg, args.moe_steps, args.lr, "checkpoint", str(upcycled), data_start=start,
+            f"moe-{name}-{steps}", cfg, steps, args.lr, "checkpoint", str(upcycled), data_start=start,
             start_loss=bench.val_loss(str(upcycled)))}
 
-    moe = {name: cached(work / f"moe-{name}.json", lambda name=name: upcycled_and_trained(name))  # type: ignore[misc]
+    moe = {name: cached(work / f"moe-{name}-{steps_for(variant(name))}.json",
+                        lambda name=name: upcycled_and_trained(name, steps_for(variant(name))))  # type: ignore[misc]
            for name in variants}
-    reference = moe.get("default", next(iter(moe.values())))
-    dense_steps = round(args.moe_steps * reference["flops_per_step"] / base["flops_per_step"])
-    dense = cached(work / f"dense-{dense_steps}.json", lambda: bench.train(
-        "dense-continued", dense_cfg, dense_steps, args.lr, "checkpoint", base["checkpoint"], data_start=start,
-        start_loss=base["final_val_loss"]))
-    same_steps = cached(work / f"dense-{args.moe_steps}.json", lambda: bench.train(
-        "dense-same-steps", dense_cfg, args.moe_steps, args.lr, "checkpoint", base["checkpoint"], data_start=start,
-        start_loss=base["final_val_loss"]))
+
+    def continued_dense(steps: int) -> dict[str, Any]:
+        return cached(work / f"dense-{steps}.json", lambda: bench.train(
+            f"dense-{steps}", dense_cfg, steps, args.lr, "checkpoint", base["checkpoint"], data_start=start,
+            start_loss=base["final_val_loss"]))
+
+    dense_steps = steps_for(dense_cfg)
+    dense = continued_dense(dense_steps)
     target = dense["final_val_loss"]
     for run in moe.values():
-        run["val_loss_minus_dense_same_steps"] = round(run["final_val_loss"] - same_steps["final_val_loss"], 4)
+        # the dense model over the MoE's own step count and schedule: the MoE's gain per step
+        run["val_loss_minus_dense_same_steps"] = round(
+            run["final_val_loss"] - continued_dense(run["steps"])["final_val_loss"], 4)
+        run["per_step_gain_needed"] = round(run["flops_per_step"] / base["flops_per_step"] / GOAL, 4)
         reached = flops_to_reach(run["curve"], target)
         run["flops_to_dense_final_loss"] = reached
         run["moe_flops_to_dense_loss_ratio"] = None if reached is None else round(reached / dense["flops"], 4)
@@ -168,24 +192,23 @@ def main() -> None:
     reaching = {k: r for k, r in ratios.items() if r is not None}
     best = (min(reaching, key=lambda k: reaching[k]) if reaching
             else min(moe, key=lambda k: moe[k]["final_val_loss"]))
-    capacity = None
-    if args.capacity_steps:  # the same shapes from random init: does an MoE learn more per step here at all?
-        def scratch(name: str, cfg: Any) -> dict[str, Any]:
-            return cached(work / f"scratch-{name}-{args.capacity_steps}.json",
-                          lambda: bench.train(f"scratch-{name}", cfg, args.capacity_steps, 3e-3, data_start=0))
-        fresh = {"dense": scratch("dense", dense_cfg), "moe": scratch("moe", moe_config(dense_cfg, 8, 2))}
-        capacity = {"steps": args.capacity_steps, "lr": 3e-3,
-                    **{f"{k}_final_val_loss": v["final_val_loss"] for k, v in fresh.items()},
-                    "moe_minus_dense": round(fresh["moe"]["final_val_loss"] - fresh["dense"]["final_val_loss"], 4),
-                    "curves": {k: v["curve"] for k, v in fresh.items()}}
+    scratch = None
+    if args.scratch_steps:  # the same shapes from random init: does a fresh MoE learn more per step here?
+        def from_init(name: str, cfg: ModelConfig) -> dict[str, Any]:
+            return cached(work / f"scratch-{name}-{args.scratch_steps}.json", lambda: bench.train(
+                f"scratch-{name}", cfg, args.scratch_steps, 3e-3, data_start=0))
+
+        fresh = {"dense": from_init("dense", dense_cfg), "moe": from_init("moe", variant("default"))}
+        scratch = {"steps": args.scratch_steps, "lr": 3e-3, "moe": "default",
+                   **{f"{k}_final_val_loss": v["final_val_loss"] for k, v in fresh.items()},
+                   "curves": {k: v["curve"] for k, v in fresh.items()}}
     out = {
         "benchmark": "scale_out", "machine": f"{platform.machine()}, 2 CPUs", "corpus": "bundled sample",
         "models": {"dense": dense_cfg.describe()}, "lr": args.lr, "batch_tokens": 16 * 128,
         "budget": {"small_steps": args.small_steps, "large_steps": args.large_steps, "moe_steps": args.moe_steps,
                    "dense_steps": dense_steps, "dense_flops": dense["flops"], "eval_every": args.eval_every},
-        "dense_final_val_loss": target, "dense": dense, "dense_same_steps": same_steps, "moe": moe,
-        "per_step_gain_needed": round(reference["flops_per_step"] / base["flops_per_step"] / GOAL, 4),
-        "capacity_check": capacity,
+        "dense_final_val_loss": target, "dense": dense, "dense_same_steps": continued_dense(args.moe_steps),
+        "moe": moe, "from_scratch": scratch,
         "moe_flops_to_dense_loss_ratio": ratios, "best": best,
         "best_moe_flops_to_dense_loss_ratio": ratios[best],
         "goal": f"the best MoE option reaches the dense run's final validation loss with <= {GOAL}x its FLOPs",
@@ -196,12 +219,10 @@ def main() -> None:
     Path(args.output).write_text(json.dumps(out, indent=2))
     plot(out, Path(args.output).with_suffix(".png"))
     print(json.dumps({k: out[k] for k in ("budget", "dense_final_val_loss", "moe_flops_to_dense_loss_ratio", "best",
-                                          "goal_met", "per_step_gain_needed", "seconds")}, indent=2))
-    print(f"dense, {args.moe_steps} steps: {same_steps['final_val_loss']:.4f}")
-    print({k: (round(v["final_val_loss"], 4), v["dense_flops_to_moe_final_loss_ratio"],
-               v["val_loss_minus_dense_same_steps"]) for k, v in moe.items()})
-    if capacity:
-        print("from scratch:", {k: v for k, v in capacity.items() if k != "curves"})
+                                          "goal_met", "seconds")}, indent=2))
+    print({k: {f: v[f] for f in ("steps", "final_val_loss", "moe_flops_to_dense_loss_ratio",
+                                 "dense_flops_to_moe_final_loss_ratio", "val_loss_minus_dense_same_steps",
+                                 "per_step_gain_needed")} for k, v in moe.items()})
     ray.shutdown()
 
 
