@@ -1,15 +1,15 @@
 """The Scale-Out study: does the upcycled MoE beat simply continuing the dense model, and under which option?
 
 From one grown dense checkpoint (tiny trained, grown to tiny-large with AKI-Pro, trained: the recipe's path,
-as in bench/efficientscale.py) it trains continued dense, and the upcycled 8-expert top-2 MoE once per recipe
-option (``VARIANTS``), all with the same schedule, batch and data position, through the real trainer (Ray
-Train, DeepSpeed, 1 CPU worker). Validation loss is measured every ``--eval-every`` steps against cumulative
-training FLOPs. The budget is the default MoE's FLOPs over ``--moe-steps``; every run spends it, so each
-runs that budget over its own FLOPs per step (the dense run and the fine-grained variants, whose active
-FLOPs are the dense model's, run more steps than the default MoE). For each MoE option the result is
-``moe_flops_to_dense_loss_ratio``: the FLOPs at which its curve first reaches the dense run's final
-validation loss, over the dense run's FLOPs (goal <= 0.8; None: not reached within its budget). Writes
-``bench/results/scale_out.json`` and ``.png`` (``--output``).
+as in bench/efficientscale.py) it trains continued dense, and the upcycled MoE (8 experts top-2 unless the
+option says otherwise) once per recipe option (``VARIANTS``), all with the same schedule, batch and data
+position, through the real trainer (Ray Train, DeepSpeed, 1 CPU worker). Validation loss is measured every
+``--eval-every`` steps against cumulative training FLOPs. The budget is the default MoE's FLOPs over
+``--moe-steps``; every run spends it, so each runs that budget over its own FLOPs per step (the dense run and
+the fine-grained variants, whose active FLOPs are the dense model's, run more steps than the default MoE). For
+each MoE option the result is ``moe_flops_to_dense_loss_ratio``: the FLOPs at which its curve first reaches
+the dense run's final validation loss, over the dense run's FLOPs (goal <= 0.8; None: not reached within its
+budget). Writes ``bench/results/scale_out.json`` and ``.png`` (``--output``).
 
 A diagnostic says why an option misses the goal: a dense run of the option's step count and schedule
 gives its gain per *step* (``val_loss_minus_dense_same_steps``, < 0: the MoE learned more per step). An
@@ -21,8 +21,8 @@ init for N steps (``from_scratch``): whether a fresh MoE learns more per step at
     python bench/scale_out.py [--moe-steps 160] [--variants default,granular_g2,...] [--scratch-steps 900]
                               [--work DIR] [--output F]
 
-With ``--work DIR`` every finished run is kept (DIR/base.json, DIR/moe-NAME.json, DIR/dense-STEPS.json): a
-rerun, e.g. with more variants, trains only the new ones.
+With ``--work DIR`` every finished run is kept (DIR/base.json, DIR/moe-NAME-STEPS.json, DIR/dense-STEPS.json,
+DIR/scratch-*-STEPS.json): a rerun, e.g. with more variants or another budget, trains only what is new.
 """
 
 from __future__ import annotations
