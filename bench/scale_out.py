@@ -207,7 +207,9 @@ def main() -> None:
         "models": {"dense": dense_cfg.describe()}, "lr": args.lr, "batch_tokens": 16 * 128,
         "budget": {"small_steps": args.small_steps, "large_steps": args.large_steps, "moe_steps": args.moe_steps,
                    "dense_steps": dense_steps, "dense_flops": dense["flops"], "eval_every": args.eval_every},
-        "dense_final_val_loss": target, "dense": dense, "dense_same_steps": continued_dense(args.moe_steps),
+        # the plot's dense line of an MoE's step count: the default's, else the first option's (trained above)
+        "dense_final_val_loss": target, "dense": dense,
+        "dense_same_steps": continued_dense(moe.get("default", next(iter(moe.values())))["steps"]),
         "moe": moe, "from_scratch": scratch,
         "moe_flops_to_dense_loss_ratio": ratios, "best": best,
         "best_moe_flops_to_dense_loss_ratio": ratios[best],

@@ -162,6 +162,9 @@ def test_drop_upcycling_reinitializes_exactly_its_units(dense, tmp_path: Path,  
         assert abs(got.mean().item() - ref.mean().item()) < 5 * ref.std().item() / got.numel() ** 0.5, name
     assert not exactly_preserving(drop_cfg) and exactly_preserving(plain_cfg)
     save_model(model, tmp_path / "dense")
+    report = upcycle_checkpoint(tmp_path / "dense", tmp_path / "moe", drop_cfg, UpcycleOptions(seed=3))
+    assert "Drop-Upcycling" in report["method"] and not report["exactly_preserving_expected"]
+    assert report["probe"]["max_abs_logit_diff"] > 1e-3  # the report shows the function changed
     online = build_upcycled_model(tmp_path / "dense", drop_cfg, ExpertParallel(size=2, rank=1), UpcycleOptions(seed=3))
     assert all(torch.equal(v, drop[k]) for k, v in online.state_dict().items())
     other_seed = upcycle_state_dict(sd, src, drop_cfg, UpcycleOptions(seed=4))
