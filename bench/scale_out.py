@@ -18,18 +18,25 @@ option that costs ``flops_per_step_over_dense`` per step must reach the dense lo
 step than the dense model. ``--scratch-steps N`` also trains the dense model and the default MoE from random
 init for N steps (``from_scratch``): whether a fresh MoE learns more per step at this size at all.
 
-    python bench/scale_out.py [--moe-steps 160] [--variants default,granular_g2,...] [--scratch-steps 900]
-                              [--work DIR] [--output F]
+``--seeds 0,1,2`` runs every option once per upcycling seed (router init and re-drawn units; data order and
+schedule stay) and reports the median ratio: near the end of a budget the curves are flat, so where they
+cross moves by a few hundredths between seeds.
 
-With ``--work DIR`` every finished run is kept (DIR/base.json, DIR/moe-NAME-STEPS.json, DIR/dense-STEPS.json,
-DIR/scratch-*-STEPS.json): a rerun, e.g. with more variants or another budget, trains only what is new.
+    python bench/scale_out.py [--moe-steps 160] [--variants default,granular_g2,...] [--seeds 0,1,2]
+                              [--scratch-steps 900] [--work DIR] [--output F]
+
+With ``--work DIR`` every finished run is kept (DIR/base.json, DIR/moe-NAME[-seedS]-STEPS.json,
+DIR/dense-STEPS.json, DIR/scratch-*-STEPS.json): a rerun, e.g. with more variants, seeds or another budget,
+trains only what is new.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import platform
+import statistics
 import tempfile
 import time
 from collections.abc import Callable
@@ -42,7 +49,7 @@ from aquila_ray.checkpoint import load_config
 from aquila_ray.config import ModelConfig
 from aquila_ray.config.growth import GrowthConfig
 from aquila_ray.pipeline.tasks import run_scale_out, run_scale_up
-from aquila_ray.upcycle import moe_config
+from aquila_ray.upcycle import UpcycleOptions, moe_config
 
 VARIANTS: dict[str, dict[str, Any]] = {
     "default": {},  # topk_then_softmax, batch aux loss 0.001, z-loss 0.01, dropless (the recipe today)
@@ -62,8 +69,15 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "fine_grained_drop": {"num_experts": 32, "top_k": 4, "granularity": 4, "drop_upcycling_ratio": 0.5,
                           "z_loss_coeff": 0.001},
     "fine_grained_drop_z0.01": {"num_experts": 32, "top_k": 4, "granularity": 4, "drop_upcycling_ratio": 0.5},
+    # the same with no z-loss at all, and with a finer split (40 experts of width F/5, top-5: G = 5, the finest
+    # that divides tiny-large's F = 220 below F/8; 2410.07524's best was 64 experts top-8)
+    "fine_grained_drop_z0": {"num_experts": 32, "top_k": 4, "granularity": 4, "drop_upcycling_ratio": 0.5,
+                             "z_loss_coeff": 0.0},
+    "finer_grained_drop": {"num_experts": 40, "top_k": 5, "granularity": 5, "drop_upcycling_ratio": 0.5,
+                           "z_loss_coeff": 0.001},
 }
 GOAL = 0.8
+PER_SEED = ("final_val_loss", "moe_flops_to_dense_loss_ratio", "val_loss_minus_dense_same_steps")
 SEQ_LEN = 128  # the sample corpus's sequences (the FLOPs per token's attention term)
 
 
@@ -114,10 +128,17 @@ def main() -> None:
     ap.add_argument("--scratch-steps", type=int, default=0,
                     help="also train the dense model and the default MoE from random init this many steps (0: skip)")
     ap.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, of {list(VARIANTS)}")
+    ap.add_argument("--seeds", default="0",
+                    help="comma-separated upcycling seeds (router init, re-drawn units); each option runs once per "
+                         "seed and reports the median ratio over them")
     ap.add_argument("--work", default=None, help="working directory (default: a temporary one)")
     ap.add_argument("--output", default=str(RESULTS / "scale_out.json"))
     args = ap.parse_args()
     variants = args.variants.split(",")
+    try:
+        seeds = [int(s) for s in args.seeds.split(",")]
+    except ValueError:
+        ap.error(f"--seeds: {args.seeds!r} is not a comma-separated list of integers")
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
         ap.error(f"--variants: unknown {unknown}; choose from {list(VARIANTS)}")
@@ -154,17 +175,21 @@ def main() -> None:
     def steps_for(cfg: ModelConfig) -> int:
         return round(budget_per_token / cfg.flops_per_token(SEQ_LEN))
 
-    def upcycled_and_trained(name: str, steps: int) -> dict[str, Any]:
-        cfg = variant(name)
-        upcycled = work / f"upcycled-{name}"
-        run_scale_out(base["checkpoint"], upcycled, cfg, local=True)
-        return {"options": VARIANTS[name], **bench.train(
-            f"moe-{name}-{steps}", cfg, steps, args.lr, "checkpoint", str(upcycled), data_start=start,
-            start_loss=bench.val_loss(str(upcycled)))}
+    def upcycled_and_trained(name: str, seed: int) -> dict[str, Any]:
+        cfg, run = variant(name), run_name(name, seed)
+        upcycled = work / f"upcycled-{run}"
+        run_scale_out(base["checkpoint"], upcycled, cfg, UpcycleOptions(seed=seed), local=True)
+        return {"options": VARIANTS[name], "seed": seed, **bench.train(
+            f"moe-{run}-{steps_for(cfg)}", cfg, steps_for(cfg), args.lr, "checkpoint", str(upcycled),
+            data_start=start, start_loss=bench.val_loss(str(upcycled)))}
 
-    moe = {name: cached(work / f"moe-{name}-{steps_for(variant(name))}.json",
-                        lambda name=name: upcycled_and_trained(name, steps_for(variant(name))))  # type: ignore[misc]
-           for name in variants}
+    def run_name(name: str, seed: int) -> str:
+        return name if seed == 0 else f"{name}-seed{seed}"  # seed 0 keeps the names of earlier work directories
+
+    by_seed = {name: {seed: cached(work / f"moe-{run_name(name, seed)}-{steps_for(variant(name))}.json",
+                                   lambda name=name, seed=seed: upcycled_and_trained(name, seed))  # type: ignore[misc]
+                      for seed in seeds}
+               for name in variants}
 
     def continued_dense(steps: int) -> dict[str, Any]:
         return cached(work / f"dense-{steps}.json", lambda: bench.train(
@@ -174,7 +199,7 @@ def main() -> None:
     dense_steps = steps_for(dense_cfg)
     dense = continued_dense(dense_steps)
     target = dense["final_val_loss"]
-    for run in moe.values():
+    for run in (r for runs in by_seed.values() for r in runs.values()):
         # the dense model over the MoE's own step count and schedule: the MoE's gain per step
         run["val_loss_minus_dense_same_steps"] = round(
             run["final_val_loss"] - continued_dense(run["steps"])["final_val_loss"], 4)
@@ -188,10 +213,18 @@ def main() -> None:
         dense_reached = flops_to_reach(dense["curve"], run["final_val_loss"])
         run["dense_flops_to_moe_final_loss_ratio"] = (None if dense_reached is None
                                                      else round(dense_reached / run["flops"], 4))
+    # an option's result: its first seed's run (curve, diagnostics), and the median over the seeds of the ratio
+    # (None, never reached, counts as above every number) and of the final loss
+    moe = {}
+    for name, runs in by_seed.items():
+        ratio = statistics.median(r["moe_flops_to_dense_loss_ratio"] or math.inf for r in runs.values())
+        moe[name] = {**runs[seeds[0]], "seeds": {s: {f: r[f] for f in PER_SEED} for s, r in runs.items()},
+                     "moe_flops_to_dense_loss_ratio": None if math.isinf(ratio) else ratio,
+                     "final_val_loss_median": statistics.median(r["final_val_loss"] for r in runs.values())}
     ratios = {k: v["moe_flops_to_dense_loss_ratio"] for k, v in moe.items()}
     reaching = {k: r for k, r in ratios.items() if r is not None}
     best = (min(reaching, key=lambda k: reaching[k]) if reaching
-            else min(moe, key=lambda k: moe[k]["final_val_loss"]))
+            else min(moe, key=lambda k: moe[k]["final_val_loss_median"]))
     scratch = None
     if args.scratch_steps:  # the same shapes from random init: does a fresh MoE learn more per step here?
         def from_init(name: str, cfg: ModelConfig) -> dict[str, Any]:
@@ -210,21 +243,27 @@ def main() -> None:
         # the plot's dense line of an MoE's step count: the default's, else the first option's (trained above)
         "dense_final_val_loss": target, "dense": dense,
         "dense_same_steps": continued_dense(moe.get("default", next(iter(moe.values())))["steps"]),
-        "moe": moe, "from_scratch": scratch,
+        "seeds": seeds, "moe": moe, "from_scratch": scratch,
         "moe_flops_to_dense_loss_ratio": ratios, "best": best,
         "best_moe_flops_to_dense_loss_ratio": ratios[best],
         "goal": f"the best MoE option reaches the dense run's final validation loss with <= {GOAL}x its FLOPs",
         "goal_met": ratios[best] is not None and ratios[best] <= GOAL,
-        "seconds": round(time.time() - t0, 1),
+        "seconds": round(time.time() - t0, 1),  # this invocation's; cached runs cost it nothing
     }
+    trained = [base, dense, out["dense_same_steps"], *(r for runs in by_seed.values() for r in runs.values()),
+               *(continued_dense(r["steps"]) for runs in by_seed.values() for r in runs.values())]
+    if args.scratch_steps:
+        trained += fresh.values()
+    # what the results cost to train, cached or not: every run after growth, each once (not the small model)
+    out["train_seconds"] = round(sum({r["name"]: r["seconds"] for r in trained}.values()), 1)
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     Path(args.output).write_text(json.dumps(out, indent=2))
     plot(out, Path(args.output).with_suffix(".png"))
     print(json.dumps({k: out[k] for k in ("budget", "dense_final_val_loss", "moe_flops_to_dense_loss_ratio", "best",
-                                          "goal_met", "seconds")}, indent=2))
-    print({k: {f: v[f] for f in ("steps", "final_val_loss", "moe_flops_to_dense_loss_ratio",
+                                          "goal_met", "seconds", "train_seconds")}, indent=2))
+    print({k: {f: v[f] for f in ("steps", "final_val_loss_median", "moe_flops_to_dense_loss_ratio",
                                  "dense_flops_to_moe_final_loss_ratio", "val_loss_minus_dense_same_steps",
-                                 "per_step_gain_needed")} for k, v in moe.items()})
+                                 "per_step_gain_needed", "seeds")} for k, v in moe.items()})
     ray.shutdown()
 
 
