@@ -69,8 +69,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "fine_grained_drop": {"num_experts": 32, "top_k": 4, "granularity": 4, "drop_upcycling_ratio": 0.5,
                           "z_loss_coeff": 0.001},
     "fine_grained_drop_z0.01": {"num_experts": 32, "top_k": 4, "granularity": 4, "drop_upcycling_ratio": 0.5},
-    # the same with no z-loss at all, and with a finer split (40 experts of width F/5, top-5: G = 5, the finest
-    # that divides tiny-large's F = 220 below F/8; 2410.07524's best was 64 experts top-8)
+    # the same with no z-loss at all, and with a finer split (40 experts of width F/5, top-5: G = 5, the largest
+    # divisor of tiny-large's F = 220 up to 8; 2410.07524's best was 64 experts top-8)
     "fine_grained_drop_z0": {"num_experts": 32, "top_k": 4, "granularity": 4, "drop_upcycling_ratio": 0.5,
                              "z_loss_coeff": 0.0},
     "finer_grained_drop": {"num_experts": 40, "top_k": 5, "granularity": 5, "drop_upcycling_ratio": 0.5,
@@ -98,7 +98,8 @@ def plot(out: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 4.8), dpi=120)
-    runs = {"dense (continued)": out["dense"], **{f"MoE {k}": v for k, v in out["moe"].items()}}
+    seed = "" if len(out["seeds"]) == 1 else f", seed {out['seeds'][0]} of {len(out['seeds'])}"
+    runs = {"dense (continued)": out["dense"], **{f"MoE {k}{seed}": v for k, v in out["moe"].items()}}
     for name, run in runs.items():
         points = [(f, v) for f, v in run["curve"] if v is not None]
         ax.plot([f for f, _ in points], [v for _, v in points], label=name,
@@ -110,7 +111,7 @@ def plot(out: dict[str, Any], path: Path) -> None:
     ax.set_xlabel("additional training FLOPs after growth")
     ax.set_ylabel("validation loss")
     ax.set_title(f"Scale-Out: upcycled MoE options vs continued dense (tiny-large, CPU; {out['budget']['moe_steps']} "
-                 f"MoE steps' FLOPs)")
+                 f"MoE steps' FLOPs)", fontsize=10)
     ax.legend(fontsize=8)
     ax.grid(True, alpha=0.3)
     fig.tight_layout()
