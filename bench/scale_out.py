@@ -176,6 +176,9 @@ def main() -> None:
     def steps_for(cfg: ModelConfig) -> int:
         return round(budget_per_token / cfg.flops_per_token(SEQ_LEN))
 
+    def run_name(name: str, seed: int) -> str:
+        return name if seed == 0 else f"{name}-seed{seed}"  # seed 0 keeps the names of earlier work directories
+
     def upcycled_and_trained(name: str, seed: int) -> dict[str, Any]:
         cfg, run = variant(name), run_name(name, seed)
         upcycled = work / f"upcycled-{run}"
@@ -183,9 +186,6 @@ def main() -> None:
         return {"options": VARIANTS[name], "seed": seed, **bench.train(
             f"moe-{run}-{steps_for(cfg)}", cfg, steps_for(cfg), args.lr, "checkpoint", str(upcycled),
             data_start=start, start_loss=bench.val_loss(str(upcycled)))}
-
-    def run_name(name: str, seed: int) -> str:
-        return name if seed == 0 else f"{name}-seed{seed}"  # seed 0 keeps the names of earlier work directories
 
     by_seed = {name: {seed: cached(work / f"moe-{run_name(name, seed)}-{steps_for(variant(name))}.json",
                                    lambda name=name, seed=seed: upcycled_and_trained(name, seed))  # type: ignore[misc]
@@ -200,10 +200,12 @@ def main() -> None:
     dense_steps = steps_for(dense_cfg)
     dense = continued_dense(dense_steps)
     target = dense["final_val_loss"]
-    for run in (r for runs in by_seed.values() for r in runs.values()):
-        # the dense model over the MoE's own step count and schedule: the MoE's gain per step
+    moe_runs = [r for runs in by_seed.values() for r in runs.values()]
+    # the dense model over each MoE's own step count and schedule: the MoE's gain per step
+    same_steps = {r["steps"]: continued_dense(r["steps"]) for r in moe_runs}
+    for run in moe_runs:
         run["val_loss_minus_dense_same_steps"] = round(
-            run["final_val_loss"] - continued_dense(run["steps"])["final_val_loss"], 4)
+            run["final_val_loss"] - same_steps[run["steps"]]["final_val_loss"], 4)
         run["per_step_gain_needed"] = round(run["flops_per_step"] / base["flops_per_step"] / GOAL, 4)
         reached = flops_to_reach(run["curve"], target)
         run["flops_to_dense_final_loss"] = reached
@@ -243,7 +245,7 @@ def main() -> None:
                    "dense_steps": dense_steps, "dense_flops": dense["flops"], "eval_every": args.eval_every},
         # the plot's dense line of an MoE's step count: the default's, else the first option's (trained above)
         "dense_final_val_loss": target, "dense": dense,
-        "dense_same_steps": continued_dense(moe.get("default", next(iter(moe.values())))["steps"]),
+        "dense_same_steps": same_steps[moe.get("default", next(iter(moe.values())))["steps"]],
         "seeds": seeds, "moe": moe, "from_scratch": scratch,
         "moe_flops_to_dense_loss_ratio": ratios, "best": best,
         "best_moe_flops_to_dense_loss_ratio": ratios[best],
@@ -251,11 +253,8 @@ def main() -> None:
         "goal_met": ratios[best] is not None and ratios[best] <= GOAL,
         "seconds": round(time.time() - t0, 1),  # this invocation's; cached runs cost it nothing
     }
-    trained = [base, dense, out["dense_same_steps"], *(r for runs in by_seed.values() for r in runs.values()),
-               *(continued_dense(r["steps"]) for runs in by_seed.values() for r in runs.values())]
-    if args.scratch_steps:
-        trained += fresh.values()
-    # what the results cost to train, cached or not: every run after growth, each once (not the small model)
+    # what the results cost to train, cached or not: every run after growth (not the small model)
+    trained = [base, dense, *same_steps.values(), *moe_runs, *(fresh.values() if args.scratch_steps else ())]
     out["train_seconds"] = round(sum({r["name"]: r["seconds"] for r in trained}.values()), 1)
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     Path(args.output).write_text(json.dumps(out, indent=2))
