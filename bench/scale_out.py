@@ -52,7 +52,7 @@ from aquila_ray.pipeline.tasks import run_scale_out, run_scale_up
 from aquila_ray.upcycle import UpcycleOptions, moe_config
 
 VARIANTS: dict[str, dict[str, Any]] = {
-    "default": {},  # topk_then_softmax, batch aux loss 0.001, z-loss 0.01, dropless (the recipe today)
+    "default": {},  # the `aquilamoe` MoE preset: topk_then_softmax, batch aux loss 0.001, z-loss 0.01, dropless
     # (softmax_then_topk *with* renormalization is the same function as the default, so it is not a variant)
     "softmax_then_topk_unnormalized": {"router_order": "softmax_then_topk", "renormalize": False},
     "sequence_aux_loss": {"aux_loss_scope": "sequence"},
@@ -66,6 +66,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     # fine-grained: 32 experts of width F/4, top-4 (the dense model's active FLOPs; 8 virtual groups of the
     # whole MLP, 2410.07524), as is and with Drop-Upcycling plus ST-MoE's z-loss coefficient 1e-3
     "fine_grained": {"num_experts": 32, "top_k": 4, "granularity": 4},
+    # the best: the `fine-grained-drop` MoE preset, the tiny recipe's Scale-Out
     "fine_grained_drop": {"num_experts": 32, "top_k": 4, "granularity": 4, "drop_upcycling_ratio": 0.5,
                           "z_loss_coeff": 0.001},
     "fine_grained_drop_z0.01": {"num_experts": 32, "top_k": 4, "granularity": 4, "drop_upcycling_ratio": 0.5},

@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> None:
     summary = {"output": args.output,
                "stages": [{k: s[k] for k in ("name", "steps", "start_loss", "end_loss", "validation_loss")}
                           for s in report["stages"]],
-               "transitions": [{k: t[k] for k in ("name", "loss_before", "loss_after", "relative_change",
+               "transitions": [{k: t[k] for k in ("name", "method", "loss_before", "loss_after", "relative_change",
                                                   "steps_to_recover")} for t in report["transitions"]]}
     if "evaluation" in report:
         summary["multiple_choice_accuracy"] = {k: v.get("multiple_choice", {}).get("accuracy")

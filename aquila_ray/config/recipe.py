@@ -17,7 +17,7 @@ from typing import Any, Literal
 from aquila_ray.config.base import from_dict, merge_overlay, preset_field, resolve, to_dict
 from aquila_ray.config.growth import GrowthConfig
 from aquila_ray.config.model import ModelConfig, MoEConfig
-from aquila_ray.config.presets import get_preset
+from aquila_ray.config.presets import get_moe_preset, get_preset
 from aquila_ray.config.train import TrainConfig
 from aquila_ray.errors import ConfigError
 
@@ -34,9 +34,10 @@ the recipe's seed); an overlay that names one is an error."""
 class ScaleOutConfig:
     """Scale-Out: the MoE's shape and routing, and where upcycling runs."""
 
-    moe: MoEConfig = field(default_factory=MoEConfig)
+    moe: MoEConfig = preset_field(get_moe_preset, "aquilamoe")
     """Experts, top-k, granularity, router init and order, loss coefficients (experts are F / granularity
-    wide; the upcycled model takes every other dimension from the grown dense model)."""
+    wide; the upcycled model takes every other dimension from the grown dense model). Also a name of
+    ``MOE_PRESETS`` (``aquilamoe``, ``fine-grained-drop``), or ``{preset: NAME, field: value}``."""
     mode: Literal["offline", "online"] = "offline"
     """offline: a Ray task writes the MoE checkpoint; online: each MoE worker builds its experts itself (no
     intermediate MoE checkpoint)."""
@@ -106,14 +107,16 @@ class RecipeConfig:
 
 
 def tiny_recipe() -> RecipeConfig:
-    """The quickstart: tiny (d64, 2 layers) -> tiny-large (d80, 4 layers) -> 8x top-2 MoE, on the sample
-    corpus, on CPU. Exact FPI growth so the transition shows function preservation; switch with
-    ``--set growth.method=aki-pro``."""
+    """The quickstart: tiny (d64, 2 layers) -> tiny-large (d80, 4 layers) -> 32 fine-grained experts, top-4
+    with Drop-Upcycling (the ``fine-grained-drop`` MoE preset: the Scale-Out study's best on these models), on
+    the sample corpus, on CPU. Exact FPI growth so the Scale-Up transition shows function preservation; switch
+    with ``--set growth.method=aki-pro``. AquilaMoE's exact 8x top-2 upcycling (the aquila3-efficientscale
+    recipe's) instead: ``--set scale_out.moe=aquilamoe``."""
     return RecipeConfig(
         small=get_preset("tiny"),
         large=get_preset("tiny-large"),
         growth=GrowthConfig(method="fpi", depth_mode="identity", norm_mode="exact"),
-        scale_out=ScaleOutConfig(moe=MoEConfig(num_experts=8, top_k=2)),
+        scale_out=ScaleOutConfig(moe=get_moe_preset("fine-grained-drop")),
         train={"global_batch_tokens": 16 * 128, "micro_batch_size": 16, "optimizer": {"lr": 2e-3},
                "schedule": {"warmup_steps": 10}, "eval_max_sequences": 64, "eval_tasks": "sample"},
         stage_small={"steps": 150, "optimizer": {"lr": 3e-3}},
@@ -136,8 +139,7 @@ def aquila3_recipe() -> RecipeConfig:
         small=get_preset("aquila3-7b"),
         large=get_preset("aquila3-16b"),
         growth=GrowthConfig(method="aki-pro"),
-        scale_out=ScaleOutConfig(moe=MoEConfig(num_experts=8, top_k=2, aux_loss_coeff=0.001, z_loss_coeff=0.01),
-                                 mode="online"),
+        scale_out=ScaleOutConfig(moe=get_moe_preset("aquilamoe"), mode="online"),
         train={"global_batch_tokens": small_batch, "micro_batch_size": 1, "checkpoint": {"every": 1000},
                "scaling": {"use_gpu": True, "zero_stage": 2, "max_failures": -1}, "eval_max_sequences": None},
         stage_small={"steps": round(3.6e12 / small_batch), "optimizer": {"lr": 1.2e-3},

@@ -43,6 +43,7 @@ from aquila_ray.pipeline.stages import Stage, run_stages
 from aquila_ray.pipeline.tasks import run_scale_out, run_scale_up
 from aquila_ray.pipeline.train_stage import train_stage
 from aquila_ray.upcycle import UpcycleOptions
+from aquila_ray.upcycle import method as upcycle_method
 from data_pipeline.config import load_data_config
 from data_pipeline.run import prepare_data
 
@@ -122,10 +123,10 @@ class _Run:
     def scale_out(self, d: Path, outs: dict[str, Any]) -> TransitionResult:
         src = outs["train_large"].checkpoint
         before = self.before(outs["train_large"])
-        if self.cfg.scale_out.mode == "online":  # train_moe builds the experts from the dense checkpoint itself
-            return TransitionResult(mode="online", dense_checkpoint=src, **before)
-        dst = d / "model"
         moe = moe_model(self.cfg, load_config(src))
+        if self.cfg.scale_out.mode == "online":  # train_moe builds the experts from the dense checkpoint itself
+            return TransitionResult(mode="online", dense_checkpoint=src, method=upcycle_method(moe), **before)
+        dst = d / "model"
         report = run_scale_out(src, dst, moe, UpcycleOptions(seed=self.cfg.seed), local=self.local)
         return TransitionResult(mode="offline", checkpoint=str(dst), method=report["method"],
                                 probe=report.get("probe"), parameters=report["parameters"], **before)

@@ -41,7 +41,8 @@ def steps_to_recover(losses: list[float], target: float) -> int | None:
 
 def build_report(train_stages: list[dict[str, Any]], transitions: list[dict[str, Any]]) -> dict[str, Any]:
     """``train_stages``: per stage {name, metrics: rows, validation_loss, ...}; ``transitions``: per transform
-    {name, from_stage, to_stage, loss_before, loss_after}. Adds recovery steps and the overall summary."""
+    {name, from_stage, to_stage, method, loss_before, loss_after, probe}. Adds recovery steps and the overall
+    summary."""
     by_name = {s["name"]: s for s in train_stages}
     stages_out = []
     for s in train_stages:
@@ -121,8 +122,9 @@ def write_report(root: Path, outs: dict[str, Any]) -> dict[str, Any]:
     for t, a, b in (("scale_up", "train_small", "train_large"), ("scale_out", "train_large", "train_moe")):
         if t in outs:
             after = outs[b].validation_start if b in outs else None
-            transitions.append({"name": t, "from_stage": a, "to_stage": b, "loss_before": outs[t].loss_before,
-                                "loss_after": after.loss if after is not None else None})
+            transitions.append({"name": t, "from_stage": a, "to_stage": b, "method": outs[t].method,
+                                "loss_before": outs[t].loss_before,
+                                "loss_after": after.loss if after is not None else None, "probe": outs[t].probe})
     report = build_report(train_stages, transitions)
     report["stage_seconds"] = {k: (completed(root, k) or {}).get("seconds") for k in outs}
     if "evaluate" in outs:
