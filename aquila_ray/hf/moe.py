@@ -12,7 +12,8 @@ writes the per-expert layout on disk, the one mapped here (checked with ``save_p
 - Mixtral: ``model.layers.{l}.block_sparse_moe.gate.weight`` and ``...experts.{e}.w1`` (gate), ``w3`` (up),
   ``w2`` (down); always renormalizes, so only renormalized routing fits; HF ``intermediate_size`` is the
   expert width.
-HF MoE inference is dropless; a ``capacity_factor`` only affects training and is not exported.
+HF MoE inference is dropless; a ``capacity_factor`` only affects training and is not exported. Expert
+widths that are not multiples of 8 export with ``experts_implementation: eager`` (``_experts_kernel``).
 """
 
 from __future__ import annotations
@@ -53,9 +54,18 @@ def _moe_fits(bias: bool, needs_renormalized: bool):  # type: ignore[no-untyped-
     return fits
 
 
+def _experts_kernel(cfg: ModelConfig) -> dict[str, Any]:
+    """transformers 5 runs experts with torch's grouped_mm by default, whose rows must start on 16-byte
+    boundaries ("strides should be multiple of 16 bytes" otherwise): hidden and expert widths that are
+    multiples of 8 fit in bf16 and fp32. For others (granular upcycling's F/G, e.g. 220 / 4 = 55) the
+    config asks for transformers' per-expert loop (``experts_implementation: eager``, read from config.json)."""
+    aligned = cfg.hidden_size % 8 == 0 and cfg.expert_intermediate_size % 8 == 0
+    return {} if aligned else {"experts_implementation": "eager"}
+
+
 def _qwen2_moe_config(cfg: ModelConfig) -> dict[str, Any]:
     assert cfg.moe is not None
-    return {"num_experts": cfg.moe.num_experts, "num_experts_per_tok": cfg.moe.top_k,
+    return {**_experts_kernel(cfg), "num_experts": cfg.moe.num_experts, "num_experts_per_tok": cfg.moe.top_k,
             "moe_intermediate_size": cfg.expert_intermediate_size,
             "shared_expert_intermediate_size": SHARED_EXPERT_WIDTH, "norm_topk_prob": _renormalized(cfg),
             "router_aux_loss_coef": cfg.moe.aux_loss_coeff, "output_router_logits": False}
@@ -111,7 +121,7 @@ QWEN2_MOE = HFArchitecture(
 
 def _mixtral_config(cfg: ModelConfig) -> dict[str, Any]:
     assert cfg.moe is not None
-    return {"num_local_experts": cfg.moe.num_experts, "num_experts_per_tok": cfg.moe.top_k,
+    return {**_experts_kernel(cfg), "num_local_experts": cfg.moe.num_experts, "num_experts_per_tok": cfg.moe.top_k,
             "intermediate_size": cfg.expert_intermediate_size, "router_aux_loss_coef": cfg.moe.aux_loss_coeff,
             "output_router_logits": False, "sliding_window": None}
 
