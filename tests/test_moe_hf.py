@@ -20,11 +20,11 @@ from aquila_ray.upcycle import UpcycleOptions, moe_config, upcycle_state_dict
 transformers = pytest.importorskip("transformers")
 
 
-def _upcycled(tmp: Path, qkv_bias: bool, **moe: object) -> Path:
+def _upcycled(tmp: Path, qkv_bias: bool, num_experts: int = 8, top_k: int = 2, granularity: int = 1,
+              **moe: object) -> Path:
     src = apply_overrides(get_preset("tiny"), [f"qkv_bias={str(qkv_bias).lower()}"])
     dense = build_model(src, seed=0)
-    shape = {k: int(moe.pop(k, v)) for k, v in (("num_experts", 8), ("top_k", 2), ("granularity", 1))}  # type: ignore[call-overload]
-    dst = moe_config(src, shape["num_experts"], shape["top_k"], shape["granularity"], router_init_std=1.0, **moe)
+    dst = moe_config(src, num_experts, top_k, granularity, router_init_std=1.0, **moe)
     sd = upcycle_state_dict(dense.state_dict(), src, dst, UpcycleOptions(seed=2))
     g = torch.Generator().manual_seed(0)
     for k in sd:
