@@ -4,8 +4,10 @@
     the trained small model (tiny) with FPI, AKI and AKI-Pro vs trained from scratch. The target is the
     scratch run's final validation loss. Savings are reported without and with the small model's FLOPs
     (bert2BERT reports ~45% saved, G_stack ~55%).
-(2) Scale-Out: the upcycled 8x top-2 MoE vs continued dense training of the same grown model, at equal
-    additional training FLOPs (the dense run gets as many more steps as the MoE's FLOPs per token need).
+(2) Scale-Out: the upcycled MoE (``--scale-out``: an MoE preset, by default the tiny recipe's
+    ``fine-grained-drop``; ``aquilamoe`` is AquilaMoE's 8x top-2) vs continued dense training of the same grown
+    model, at equal additional training FLOPs (the dense run gets as many more steps as the MoE's FLOPs per
+    token need).
 
 Every run is the real trainer (``run_training``: Ray Train, DeepSpeed, 1 CPU worker) with the same schedule,
 batch and data: the large-model runs all start at the same position of the sample stream (after the small
@@ -13,6 +15,7 @@ model's tokens), so scratch and grown runs see the same sequences. Writes ``benc
 and ``bench/results/efficientscale.png``.
 
     python bench/efficientscale.py [--small-steps 200] [--large-steps 240] [--moe-steps 120] [--eval-every 20]
+                                   [--scale-out fine-grained-drop|aquilamoe]
 """
 
 from __future__ import annotations
@@ -31,11 +34,12 @@ from aquila_ray.checkpoint import load_config
 from aquila_ray.config import get_preset
 from aquila_ray.config.growth import GrowthConfig, GrowthMethod
 from aquila_ray.config.model import ModelConfig
+from aquila_ray.config.presets import MOE_PRESETS, get_moe_preset
 from aquila_ray.config.train import CheckpointingConfig, OptimizerConfig, ScheduleConfig, TrainConfig, WandbConfig
 from aquila_ray.eval import evaluate_checkpoint
 from aquila_ray.pipeline.tasks import run_scale_out, run_scale_up
 from aquila_ray.pipeline.train_stage import train_stage
-from aquila_ray.upcycle import moe_config
+from aquila_ray.upcycle import upcycled_config
 
 RESULTS = Path(__file__).resolve().parent / "results"
 # bench/data_pipeline.py would shadow the data_pipeline package when this script's folder leads sys.path
@@ -119,7 +123,7 @@ def plot(out: dict[str, Any], path: Path) -> None:
                label=f"{name} ({run['steps']} steps)", linewidth=1.6)
     b.set_xlabel("additional training FLOPs")
     b.set_ylabel("validation loss")
-    b.set_title("Scale-Out: upcycled 8x top-2 MoE vs continued dense")
+    b.set_title(f"Scale-Out: upcycled MoE ({out['scale_out']['preset']}) vs continued dense")
     b.legend()
     b.grid(True, alpha=0.3)
     fig.tight_layout()
@@ -132,6 +136,8 @@ def main() -> None:
     ap.add_argument("--small-steps", type=int, default=200)
     ap.add_argument("--large-steps", type=int, default=240)
     ap.add_argument("--moe-steps", type=int, default=120)
+    ap.add_argument("--scale-out", choices=sorted(MOE_PRESETS), default="fine-grained-drop",
+                    help="the MoE preset to upcycle to (default: the tiny recipe's)")
     ap.add_argument("--eval-every", type=int, default=20)
     ap.add_argument("--small-lr", type=float, default=3e-3)
     ap.add_argument("--large-lr", type=float, default=2e-3)
@@ -173,7 +179,7 @@ def main() -> None:
     # Scale-Out: from the AKI-Pro-grown model (the recipe's path), equal additional FLOPs
     base = runs["aki-pro"]
     dense_cfg = load_config(base["checkpoint"])
-    moe_cfg = moe_config(dense_cfg, 8, 2)
+    moe_cfg = upcycled_config(dense_cfg, get_moe_preset(args.scale_out))
     moe_dir = work / "upcycled"
     run_scale_out(base["checkpoint"], moe_dir, moe_cfg, local=True)
     start2 = base["data_position"]
@@ -182,7 +188,8 @@ def main() -> None:
     dense_steps = round(args.moe_steps * moe["flops_per_step"] / base["flops_per_step"])
     dense = bench.train("dense-continued", dense_cfg, dense_steps, args.large_lr, "checkpoint", base["checkpoint"],
                         data_start=start2, start_loss=base["final_val_loss"])
-    scale_out = {"base": "the AKI-Pro-grown large model after its training", "moe": moe, "dense": dense,
+    scale_out = {"base": "the AKI-Pro-grown large model after its training", "preset": args.scale_out,
+                 "moe": moe, "dense": dense,
                  "moe_flops_per_step_over_dense": round(moe["flops_per_step"] / base["flops_per_step"], 4),
                  "moe_final_val_loss": moe["final_val_loss"], "dense_final_val_loss": dense["final_val_loss"],
                  "flops_ratio_dense_over_moe": round(dense["flops"] / moe["flops"], 4),

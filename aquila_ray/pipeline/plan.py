@@ -17,7 +17,7 @@ from aquila_ray.config.recipe import STAGE_FIELDS, STAGE_NAMES, RecipeConfig
 from aquila_ray.errors import ConfigError
 from aquila_ray.growth import make_plan
 from aquila_ray.plan import PlanAssumptions, cluster_fit, stage_plan
-from aquila_ray.upcycle import UpcycleOptions, exactly_preserving, moe_config
+from aquila_ray.upcycle import UpcycleOptions, exactly_preserving, upcycled_config
 
 SAMPLE_CORPUS_MAX_PARAMS = 1_000_000_000
 """A recipe whose dense models reach this size must name its data (the sample corpus is for toy models)."""
@@ -45,10 +45,7 @@ def resolve_models(cfg: RecipeConfig, vocab_size: int | None = None) -> Models:
 
 def moe_model(cfg: RecipeConfig, dense: ModelConfig) -> ModelConfig:
     """The upcycled config of ``dense``: its shape with ``cfg.scale_out.moe`` (experts F / granularity wide)."""
-    m = to_dict(cfg.scale_out.moe)
-    fields = {k: v for k, v in m.items() if k not in ("num_experts", "top_k", "granularity",
-                                                      "expert_intermediate_size")}
-    return moe_config(dense, m["num_experts"], m["top_k"], m["granularity"], **fields)
+    return upcycled_config(dense, cfg.scale_out.moe)
 
 
 def plan_recipe(cfg: RecipeConfig, seq_len: int | None = None, vocab_size: int | None = None,

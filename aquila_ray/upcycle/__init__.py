@@ -4,7 +4,8 @@
 - ``upcycle_checkpoint(src_dir, dst_dir, dst_cfg, options)``: checkpoint in, MoE checkpoint and
   ``upcycle_report.json`` (measured logit difference on a probe batch) out.
 - ``build_upcycled_model(dense_dir, dst_cfg, ep, options)``: online, on one expert-parallel rank.
-- ``moe_config(dense_cfg, num_experts, top_k, granularity, ...)``: the target config.
+- ``moe_config(dense_cfg, num_experts, top_k, granularity, ...)``: the target config
+  (``upcycled_config(dense_cfg, moe)`` from a whole MoEConfig).
 
 Papers: Sparse Upcycling (Komatsuzaki et al., arXiv 2212.05055), AquilaMoE (2408.06567), NVIDIA
 2412.09952 (online upcycling) and 2410.07524 (virtual-group granular upcycling, weight scaling),
@@ -24,6 +25,7 @@ from aquila_ray.upcycle.upcycle import (
     router_weight,
     upcycle_state_dict,
     upcycle_tensors,
+    upcycled_config,
     weight_scale,
 )
 
@@ -43,5 +45,6 @@ __all__ = [
     "upcycle_checkpoint",
     "upcycle_state_dict",
     "upcycle_tensors",
+    "upcycled_config",
     "weight_scale",
 ]

@@ -72,6 +72,14 @@ def moe_config(src: ModelConfig, num_experts: int = 8, top_k: int = 2, granulari
     return dataclasses.replace(src, moe=moe, extra=dict(src.extra))
 
 
+def upcycled_config(src: ModelConfig, moe: MoEConfig) -> ModelConfig:
+    """``moe_config`` from a whole MoEConfig (a preset, a recipe's ``scale_out.moe``); the expert width is
+    ``src``'s F / granularity, whatever ``moe.expert_intermediate_size`` says."""
+    fields = {k: v for k, v in to_dict(moe).items()
+              if k not in ("num_experts", "top_k", "granularity", "expert_intermediate_size")}
+    return moe_config(src, moe.num_experts, moe.top_k, moe.granularity, **fields)
+
+
 def renormalized(moe: MoEConfig) -> bool:
     """Do the k combine weights of a token sum to 1?"""
     return moe.router_order == "topk_then_softmax" or moe.renormalize
@@ -244,5 +252,6 @@ __all__ = [
     "router_weight",
     "upcycle_state_dict",
     "upcycle_tensors",
+    "upcycled_config",
     "weight_scale",
 ]
