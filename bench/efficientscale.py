@@ -123,7 +123,7 @@ def plot(out: dict[str, Any], path: Path) -> None:
                label=f"{name} ({run['steps']} steps)", linewidth=1.6)
     b.set_xlabel("additional training FLOPs")
     b.set_ylabel("validation loss")
-    b.set_title(f"Scale-Out: upcycled MoE ({out['scale_out']['preset']}) vs continued dense")
+    b.set_title(f"Scale-Out: upcycled MoE ({out['scale_out']['preset']}) vs continued dense", fontsize=10)
     b.legend()
     b.grid(True, alpha=0.3)
     fig.tight_layout()
