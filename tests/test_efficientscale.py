@@ -89,7 +89,7 @@ def test_scale_out_presets() -> None:
     assert build_recipe_config("aquila3-efficientscale").scale_out.moe == m
     m = build_recipe_config("tiny", {"scale_out": {"moe": {"preset": "aquilamoe", "top_k": 1}}}).scale_out.moe
     assert (m.num_experts, m.top_k) == (8, 1)
-    with pytest.raises(ConfigError, match=r"unknown MoE preset 'mixtral'; valid MoE presets: \['aquilamoe', "
+    with pytest.raises(ConfigError, match=r"unknown MoE preset 'mixtral'; valid presets: \['aquilamoe', "
                                           r"'fine-grained-drop'\]"):
         build_recipe_config("tiny", None, ["scale_out.moe=mixtral"])
 

@@ -12,7 +12,7 @@ import dataclasses
 import json
 import types
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar, Union, get_args, get_origin, get_type_hints
 
@@ -21,8 +21,17 @@ import yaml
 from aquila_ray.errors import ConfigError
 
 T = TypeVar("T")
+R = TypeVar("R")
 
 PRESET_KEY = "preset"
+
+
+def from_registry(registry: Mapping[str, Callable[[], R]], name: str, kind: str) -> R:
+    """A fresh instance of preset ``name`` from a registry of factories (model shapes, MoE settings, recipes);
+    an unknown name is an error that lists the valid ones."""
+    if name not in registry:
+        raise ConfigError(f"unknown {kind} preset {name!r}; valid presets: {sorted(registry)}")
+    return registry[name]()
 
 
 def preset_field(get: Callable[[str], Any], default: str) -> Any:

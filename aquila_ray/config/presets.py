@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from aquila_ray.config.base import from_registry
 from aquila_ray.config.model import ModelConfig, MoEConfig
-from aquila_ray.errors import ConfigError
 
 
 def aquilamoe() -> MoEConfig:
@@ -36,9 +36,7 @@ MOE_PRESETS: dict[str, Callable[[], MoEConfig]] = {
 
 def get_moe_preset(name: str) -> MoEConfig:
     """A fresh MoEConfig for a Scale-Out preset name; unknown names list the valid ones."""
-    if name not in MOE_PRESETS:
-        raise ConfigError(f"unknown MoE preset {name!r}; valid MoE presets: {sorted(MOE_PRESETS)}")
-    return MOE_PRESETS[name]()
+    return from_registry(MOE_PRESETS, name, "MoE")
 
 
 def tiny() -> ModelConfig:
@@ -103,6 +101,4 @@ PRESETS: dict[str, Callable[[], ModelConfig]] = {
 
 def get_preset(name: str) -> ModelConfig:
     """A fresh ModelConfig for a preset name; unknown names list the valid ones."""
-    if name not in PRESETS:
-        raise ConfigError(f"unknown model preset {name!r}; valid presets: {sorted(PRESETS)}")
-    return PRESETS[name]()
+    return from_registry(PRESETS, name, "model")

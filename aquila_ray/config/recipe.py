@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from aquila_ray.config.base import from_dict, merge_overlay, preset_field, resolve, to_dict
+from aquila_ray.config.base import from_dict, from_registry, merge_overlay, preset_field, resolve, to_dict
 from aquila_ray.config.growth import GrowthConfig
 from aquila_ray.config.model import ModelConfig, MoEConfig
 from aquila_ray.config.presets import get_moe_preset, get_preset
@@ -160,9 +160,7 @@ RECIPES: dict[str, Callable[[], RecipeConfig]] = {
 
 
 def get_recipe(name: str) -> RecipeConfig:
-    if name not in RECIPES:
-        raise ConfigError(f"unknown recipe preset {name!r}; valid presets: {sorted(RECIPES)}")
-    return RECIPES[name]()
+    return from_registry(RECIPES, name, "recipe")
 
 
 def build_recipe_config(preset: str = "tiny", overlay: dict[str, Any] | str | Path | None = None,
