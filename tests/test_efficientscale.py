@@ -94,6 +94,26 @@ def test_scale_out_presets() -> None:
         build_recipe_config("tiny", None, ["scale_out.moe=mixtral"])
 
 
+def test_online_scale_out_transition_names_its_method(tmp_path: Path) -> None:
+    """Online upcycling writes no checkpoint, but its transition still says what the MoE stage will build (the
+    report and the job's summary print it)."""
+    from aquila_ray.checkpoint import save_model
+    from aquila_ray.config import get_preset
+    from aquila_ray.model import build_model
+    from aquila_ray.pipeline.efficientscale import _Run
+    from aquila_ray.pipeline.results import StageResult, Validation
+
+    dense = save_model(build_model(get_preset("tiny-large"), seed=0), tmp_path / "dense")
+    large = StageResult(checkpoint=str(dense), model="tiny-large", init="checkpoint", init_from=None, data_start=0,
+                        data_position=0, train_run="", steps=1, final_loss=5.0, validation_loss=5.0,
+                        validation=Validation(loss=5.0))
+    for moe, words in (("fine-grained-drop", ("granular", "Drop-Upcycling")), ("aquilamoe", ("copies",))):
+        cfg = build_recipe_config("tiny", None, ["scale_out.mode=online", f"scale_out.moe={moe}"])
+        t = _Run(cfg, tmp_path, "", "x", True).scale_out(tmp_path / moe, {"train_large": large})
+        assert (t.mode, t.checkpoint, t.dense_checkpoint, t.loss_before) == ("online", None, str(dense), 5.0)
+        assert t.method is not None and all(w in t.method for w in words), t.method
+
+
 def test_plan_rejects_a_large_model_smaller_than_small() -> None:
     cfg = build_recipe_config("tiny", None, ["large=tiny", "small=tiny-large"])
     with pytest.raises(ConfigError, match="hidden_size"):
